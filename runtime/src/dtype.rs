@@ -1,0 +1,1 @@
+//! dtypes (being written)

@@ -1,0 +1,4 @@
+//! bps-runtime
+#![allow(missing_docs)]
+pub mod dtype;
+pub mod sum;

@@ -1,0 +1,1 @@
+//! sums (being written)

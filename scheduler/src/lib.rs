@@ -1,0 +1,2 @@
+//! bps-scheduler (being written).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! completion queue (being written)

@@ -1,0 +1,4 @@
+//! bps-transport
+#![allow(missing_docs)]
+pub mod cq;
+pub mod shm;

@@ -1,0 +1,1 @@
+//! shm rings (being written)
