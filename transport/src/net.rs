@@ -1,0 +1,1400 @@
+//! [`Net`]: the transport of a process — tcp lanes, shm rings and the loopback link in one
+//! mio event loop.
+//!
+//! Every stream (a TCP connection or a shared-memory ring pair) runs the same framing state
+//! machine: frames of [`codec`](crate::codec) are queued per stream and written with
+//! `writev` straight from their source (a message's bytes, or a registered region); received
+//! write payloads are read straight into the destination region, after the header was checked
+//! against the registration table. Small frames are read through a 64 KiB staging buffer so that
+//! one system call brings many of them.
+//!
+//! Links are set up by the peer with the lower id: it dials `lanes` TCP connections (or one
+//! Unix socket plus a shared-memory segment) and opens each with a `Hello` frame; the other side
+//! accepts and learns who is speaking from that frame.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use mio::{Interest, Poll, Token};
+
+use crate::codec::{Decoder, Encoder, FrameHeader, FrameKind, HEADER_LEN};
+use crate::shm::{ShmSegment, ShmStream, Side};
+use crate::{
+    Error, Event, LinkKind, PeerAddr, PeerId, Region, RemoteSlice, Result, Transport, Waker,
+};
+
+const WAKER: Token = Token(usize::MAX - 1);
+const TCP_LISTENER: Token = Token(usize::MAX - 2);
+const UNIX_LISTENER: Token = Token(usize::MAX - 3);
+const RX_BUF: usize = 64 << 10;
+/// Payload remainders at least this large are read straight into their destination.
+const DIRECT_READ: usize = 16 << 10;
+const MAX_IOV: usize = 16;
+
+/// Configuration of a [`Net`].
+#[derive(Clone, Debug)]
+pub struct NetConfig {
+    /// This process's id.
+    pub me: PeerId,
+    /// TCP address to listen on (port 0: any free port).
+    pub listen: SocketAddr,
+    /// Directory for the Unix socket of shared-memory links; `None` disables shm.
+    pub unix_dir: Option<PathBuf>,
+    /// Directory for shared-memory segments.
+    pub shm_dir: PathBuf,
+    /// Bytes of each shared-memory ring.
+    pub ring_bytes: usize,
+    /// Force one backend for every remote peer (`BPS_TRANSPORT`); `None` = automatic.
+    pub force: Option<LinkKind>,
+    /// TCP connections per peer.
+    pub lanes: u32,
+    /// Largest control message accepted.
+    pub max_msg: usize,
+    /// Frames queued per stream before [`Error::Busy`].
+    pub queue_depth: usize,
+    /// How long to keep redialling a peer that refuses connections.
+    pub connect_timeout: Duration,
+}
+
+impl NetConfig {
+    /// Defaults: automatic backend, 2 TCP lanes, shm through `/dev/shm` with the Unix socket in
+    /// the system temporary directory.
+    pub fn new(me: PeerId, listen: SocketAddr) -> Self {
+        NetConfig {
+            me,
+            listen,
+            unix_dir: Some(std::env::temp_dir()),
+            shm_dir: PathBuf::from("/dev/shm"),
+            ring_bytes: crate::shm::DEFAULT_RING_BYTES,
+            force: None,
+            lanes: 2,
+            max_msg: crate::codec::DEFAULT_MAX_MESSAGE,
+            queue_depth: 4096,
+            connect_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Identity of this host as seen by peers: the kernel's boot id and the network namespace, so
+/// processes in different network namespaces (emulated hosts) never share memory links.
+pub fn local_host_id() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-boot".into());
+    let netns = std::fs::read_link("/proc/self/ns/net")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "unknown-netns".into());
+    format!("{boot}/{netns}")
+}
+
+/// A registered region: raw memory the event loop reads from and writes into.
+#[derive(Clone, Copy, Debug)]
+struct RegionEntry {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a RegionEntry is an address range the registrant promised (in the unsafe
+// `Transport::register`) to keep valid and to access only under the transport's rules; the
+// pointer is never dereferenced outside those rules, whichever thread owns the Net.
+unsafe impl Send for RegionEntry {}
+
+enum Io {
+    Tcp(TcpStream),
+    Shm(ShmStream),
+    /// An accepted Unix socket whose Hello (with the segment path) has not fully arrived.
+    UnixHello(UnixStream),
+    /// Transient state while a stream's Io is being replaced.
+    Swapping,
+}
+
+impl Io {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.read(buf),
+            Io::Shm(s) => s.read(buf),
+            Io::UnixHello(s) => s.read(buf),
+            Io::Swapping => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.write_vectored(bufs),
+            Io::Shm(s) => s.write_vectored(bufs),
+            Io::UnixHello(s) => s.write_vectored(bufs),
+            Io::Swapping => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+}
+
+enum Body {
+    Owned(Vec<u8>),
+    Region { ptr: *const u8, len: usize },
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Owned(v) => v.len(),
+            Body::Region { len, .. } => *len,
+        }
+    }
+    fn slice_from(&self, off: usize) -> &[u8] {
+        match self {
+            Body::Owned(v) => &v[off..],
+            // SAFETY: the region was registered (the registrant guarantees it stays valid and
+            // unmodified until WriteDone, which is only reported after this op left the queue),
+            // and `off <= len` because `sent` never passes the body's length.
+            Body::Region { ptr, len } => unsafe {
+                std::slice::from_raw_parts(ptr.add(off), len - off)
+            },
+        }
+    }
+}
+
+struct TxOp {
+    hdr: [u8; HEADER_LEN],
+    body: Body,
+    /// Bytes of header + body already written.
+    sent: usize,
+    done: Option<u64>,
+}
+
+// SAFETY: the raw pointer in `Body::Region` points into a registered region (see RegionEntry).
+unsafe impl Send for TxOp {}
+
+impl TxOp {
+    fn total(&self) -> usize {
+        HEADER_LEN + self.body.len()
+    }
+}
+
+enum Rx {
+    Header,
+    Msg {
+        hdr: FrameHeader,
+        buf: Vec<u8>,
+    },
+    Write {
+        hdr: FrameHeader,
+        ptr: *mut u8,
+        got: usize,
+    },
+    /// A write whose region was deregistered meanwhile: its bytes are read and dropped.
+    Discard { left: u64 },
+}
+
+struct Stream {
+    io: Io,
+    peer: Option<PeerId>,
+    lane: u32,
+    kind: LinkKind,
+    rx: Rx,
+    rxbuf: Box<[u8]>,
+    rx_start: usize,
+    rx_end: usize,
+    tx: VecDeque<TxOp>,
+    /// Dialled and not yet known to be connected.
+    connecting: bool,
+    dead: bool,
+}
+
+impl Stream {
+    fn new(io: Io, peer: Option<PeerId>, lane: u32, kind: LinkKind) -> Self {
+        Stream {
+            io,
+            peer,
+            lane,
+            kind,
+            rx: Rx::Header,
+            rxbuf: vec![0u8; RX_BUF].into_boxed_slice(),
+            rx_start: 0,
+            rx_end: 0,
+            tx: VecDeque::new(),
+            connecting: false,
+            dead: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Peer {
+    addr: Option<PeerAddr>,
+    kind: Option<LinkKind>,
+    /// Stream slot of each lane, once it exists.
+    lanes: Vec<Option<usize>>,
+    /// Frames queued before the lane's stream existed (acceptor side).
+    early: Vec<VecDeque<TxOp>>,
+    up: Vec<bool>,
+    connected_reported: bool,
+    lost: Option<String>,
+    dial_deadline: Option<Instant>,
+    redial_at: Option<Instant>,
+}
+
+/// The transport of one process: tcp, shm and loopback links in one event loop.
+pub struct Net {
+    cfg: NetConfig,
+    host: String,
+    poll: Poll,
+    mio_events: mio::Events,
+    waker: Arc<mio::Waker>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    unix: Option<(UnixListener, PathBuf)>,
+    regions: HashMap<u64, RegionEntry>,
+    next_token: u64,
+    peers: HashMap<PeerId, Peer>,
+    streams: Vec<Option<Stream>>,
+    free_slots: Vec<usize>,
+    local: VecDeque<Event>,
+}
+
+impl std::fmt::Debug for Net {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Net")
+            .field("me", &self.cfg.me)
+            .field("addr", &self.local_addr)
+            .field("peers", &self.peers.len())
+            .finish()
+    }
+}
+
+fn hello_body(me: PeerId, lane: u32, lanes: u32, shm_path: Option<&str>) -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.u32(me.0).u32(lane).u32(lanes).str(shm_path.unwrap_or(""));
+    e.finish()
+}
+
+struct Hello {
+    from: PeerId,
+    lane: u32,
+    lanes: u32,
+    shm_path: String,
+}
+
+fn parse_hello(b: &[u8]) -> std::result::Result<Hello, crate::codec::DecodeError> {
+    let mut d = Decoder::new(b);
+    let h = Hello {
+        from: PeerId(d.u32("hello peer id")?),
+        lane: d.u32("hello lane")?,
+        lanes: d.u32("hello lane count")?,
+        shm_path: d.str("hello shm path", 1024)?.to_string(),
+    };
+    d.finish()?;
+    Ok(h)
+}
+
+impl Net {
+    /// Listen and get ready. Fails with [`Error::AddrInUse`] when the port is taken.
+    pub fn bind(cfg: NetConfig) -> Result<Net> {
+        let poll = Poll::new().map_err(|e| Error::io("create epoll instance", e))?;
+        let waker = Arc::new(
+            mio::Waker::new(poll.registry(), WAKER).map_err(|e| Error::io("create waker", e))?,
+        );
+        let mut listener = TcpListener::bind(cfg.listen).map_err(|e| {
+            if e.kind() == io::ErrorKind::AddrInUse {
+                Error::AddrInUse { addr: cfg.listen }
+            } else {
+                Error::io(format!("listen on {}", cfg.listen), e)
+            }
+        })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("read listening address", e))?;
+        poll.registry()
+            .register(&mut listener, TCP_LISTENER, Interest::READABLE)
+            .map_err(|e| Error::io("register listener", e))?;
+        let unix = match (&cfg.unix_dir, cfg.force) {
+            (Some(dir), None | Some(LinkKind::Shm)) => {
+                let path = dir.join(format!(
+                    "bps-{}-{}-{}.sock",
+                    std::process::id(),
+                    cfg.me.0,
+                    local_addr.port()
+                ));
+                let _ = std::fs::remove_file(&path);
+                let mut l = UnixListener::bind(&path)
+                    .map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
+                poll.registry()
+                    .register(&mut l, UNIX_LISTENER, Interest::READABLE)
+                    .map_err(|e| Error::io("register unix listener", e))?;
+                Some((l, path))
+            }
+            _ => None,
+        };
+        let seed = {
+            use std::hash::{BuildHasher, Hasher};
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            h.finish() | 1
+        };
+        Ok(Net {
+            host: local_host_id(),
+            cfg,
+            poll,
+            mio_events: mio::Events::with_capacity(256),
+            waker,
+            listener,
+            local_addr,
+            unix,
+            regions: HashMap::new(),
+            next_token: seed,
+            peers: HashMap::new(),
+            streams: Vec::new(),
+            free_slots: Vec::new(),
+            local: VecDeque::new(),
+        })
+    }
+
+    /// Where peers reach this process.
+    pub fn local_addr(&self) -> PeerAddr {
+        PeerAddr {
+            tcp: self.local_addr,
+            unix: self.unix.as_ref().map(|(_, p)| p.clone()),
+            host: self.host.clone(),
+        }
+    }
+
+    /// Number of TCP lanes per peer.
+    pub fn lanes(&self) -> u32 {
+        self.cfg.lanes
+    }
+
+    fn choose_kind(&self, peer: PeerId, addr: &PeerAddr) -> Result<LinkKind> {
+        if peer == self.cfg.me {
+            return Ok(LinkKind::Loopback);
+        }
+        let same_host = addr.host == self.host;
+        let shm_possible = same_host && addr.unix.is_some() && self.unix.is_some();
+        match self.cfg.force {
+            Some(LinkKind::Tcp) => Ok(LinkKind::Tcp),
+            Some(LinkKind::Shm) if shm_possible => Ok(LinkKind::Shm),
+            Some(LinkKind::Shm) => Err(Error::Unsupported {
+                feature: "shm",
+                reason: format!(
+                    "peer {peer} is on another host ({}) or does not accept shared memory; \
+                     BPS_TRANSPORT=shm needs every peer on this host",
+                    addr.tcp
+                ),
+            }),
+            Some(LinkKind::Rdma) => Err(Error::Unsupported {
+                feature: "rdma",
+                reason: "this build has no RDMA backend".into(),
+            }),
+            Some(LinkKind::Loopback) | None if shm_possible => Ok(LinkKind::Shm),
+            Some(LinkKind::Loopback) | None => Ok(LinkKind::Tcp),
+        }
+    }
+
+    fn slot_insert(&mut self, s: Stream) -> usize {
+        match self.free_slots.pop() {
+            Some(i) => {
+                self.streams[i] = Some(s);
+                i
+            }
+            None => {
+                self.streams.push(Some(s));
+                self.streams.len() - 1
+            }
+        }
+    }
+
+    fn dial(&mut self, peer: PeerId) -> Result<()> {
+        let me = self.cfg.me;
+        let p = self.peers.get_mut(&peer).ok_or(Error::UnknownPeer { peer })?;
+        let addr = p.addr.clone().ok_or(Error::UnknownPeer { peer })?;
+        let kind = p.kind.unwrap_or(LinkKind::Tcp);
+        p.redial_at = None;
+        match kind {
+            LinkKind::Tcp => {
+                let lanes = self.cfg.lanes.max(1);
+                for lane in 0..lanes {
+                    let has = self.peers[&peer].lanes.get(lane as usize).copied().flatten();
+                    if has.is_some() {
+                        continue;
+                    }
+                    let mut s = TcpStream::connect(addr.tcp)
+                        .map_err(|e| Error::io(format!("connect to peer {peer} at {}", addr.tcp), e))?;
+                    let _ = s.set_nodelay(true);
+                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    self.poll
+                        .registry()
+                        .register(&mut s, Token(slot), Interest::READABLE | Interest::WRITABLE)
+                        .map_err(|e| Error::io("register stream", e))?;
+                    let mut st = Stream::new(Io::Tcp(s), Some(peer), lane, LinkKind::Tcp);
+                    st.connecting = true;
+                    let body = hello_body(me, lane, lanes, None);
+                    st.tx.push_back(frame_op(FrameKind::Hello, 0, lane, Body::Owned(body), None));
+                    let p = self.peers.get_mut(&peer).expect("peer exists");
+                    if let Some(early) = p.early.get_mut(lane as usize) {
+                        st.tx.extend(early.drain(..));
+                    }
+                    let got = self.slot_insert(st);
+                    debug_assert_eq!(got, slot);
+                    let p = self.peers.get_mut(&peer).expect("peer exists");
+                    p.lanes[lane as usize] = Some(slot);
+                }
+                Ok(())
+            }
+            LinkKind::Shm => {
+                let path = addr.unix.clone().ok_or_else(|| Error::Unsupported {
+                    feature: "shm",
+                    reason: format!("peer {peer} has no shared-memory socket"),
+                })?;
+                let (seg, seg_path) = ShmSegment::create(&self.cfg.shm_dir, self.cfg.ring_bytes)?;
+                let mut sock = match UnixStream::connect(&path) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = seg.unlink();
+                        return Err(Error::io(
+                            format!("connect to peer {peer} at {}", path.display()),
+                            e,
+                        ));
+                    }
+                };
+                // The Hello goes on the socket itself, before the rings are used; the socket is
+                // fresh, so its send buffer takes these few bytes at once.
+                let body = hello_body(me, 0, 1, Some(&seg_path.to_string_lossy()));
+                let hdr = FrameHeader {
+                    kind: FrameKind::Hello,
+                    imm: 0,
+                    len: body.len() as u64,
+                    token: 0,
+                    offset: 0,
+                    lane: 0,
+                }
+                .encode();
+                let mut msg = hdr.to_vec();
+                msg.extend_from_slice(&body);
+                write_all_nonblocking(&mut sock, &msg).map_err(|e| {
+                    let _ = seg.unlink();
+                    Error::io(format!("send shm hello to peer {peer}"), e)
+                })?;
+                let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                let mut stream = ShmStream::new(seg, Side::A, sock);
+                self.poll
+                    .registry()
+                    .register(stream.doorbell_mut(), Token(slot), Interest::READABLE)
+                    .map_err(|e| Error::io("register doorbell", e))?;
+                let mut st = Stream::new(Io::Shm(stream), Some(peer), 0, LinkKind::Shm);
+                let p = self.peers.get_mut(&peer).expect("peer exists");
+                if let Some(early) = p.early.get_mut(0) {
+                    st.tx.extend(early.drain(..));
+                }
+                let got = self.slot_insert(st);
+                debug_assert_eq!(got, slot);
+                let p = self.peers.get_mut(&peer).expect("peer exists");
+                p.lanes[0] = Some(slot);
+                p.up[0] = true;
+                self.check_connected(peer);
+                self.flush(slot);
+                Ok(())
+            }
+            LinkKind::Loopback | LinkKind::Rdma => Ok(()),
+        }
+    }
+
+    /// Drop every link to a peer now: queued frames are discarded (their source memory is no
+    /// longer read) and [`Event::PeerLost`] is reported once.
+    pub fn disconnect(&mut self, peer: PeerId) {
+        if self.peers.contains_key(&peer) {
+            self.lose_peer(peer, "disconnected by this process".into());
+        }
+    }
+
+    fn check_connected(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            if !p.connected_reported && !p.up.is_empty() && p.up.iter().all(|u| *u) {
+                p.connected_reported = true;
+                p.dial_deadline = None;
+                if let Some(kind) = p.kind {
+                    self.local.push_back(Event::Connected { peer, kind });
+                }
+            }
+        }
+    }
+
+    fn peer_entry(&mut self, peer: PeerId, kind: LinkKind) -> &mut Peer {
+        let lanes = match kind {
+            LinkKind::Tcp => self.cfg.lanes.max(1) as usize,
+            _ => 1,
+        };
+        let p = self.peers.entry(peer).or_default();
+        if p.kind.is_none() {
+            p.kind = Some(kind);
+            p.lanes = vec![None; lanes];
+            p.up = vec![false; lanes];
+            p.early = (0..lanes).map(|_| VecDeque::new()).collect();
+        }
+        p
+    }
+
+    fn lose_peer(&mut self, peer: PeerId, reason: String) {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
+        if p.lost.is_some() {
+            return;
+        }
+        p.lost = Some(reason.clone());
+        let slots: Vec<usize> = p.lanes.iter().flatten().copied().collect();
+        for e in p.early.iter_mut() {
+            e.clear();
+        }
+        for s in slots {
+            self.close_slot(s);
+        }
+        tracing::debug!(%peer, %reason, "peer lost");
+        self.local.push_back(Event::PeerLost {
+            peer,
+            error: Error::PeerLost { peer, reason },
+        });
+    }
+
+    fn close_slot(&mut self, slot: usize) {
+        if let Some(mut st) = self.streams.get_mut(slot).and_then(Option::take) {
+            let _ = match &mut st.io {
+                Io::Tcp(s) => self.poll.registry().deregister(s),
+                Io::Shm(s) => {
+                    s.close();
+                    self.poll.registry().deregister(s.doorbell_mut())
+                }
+                Io::UnixHello(s) => self.poll.registry().deregister(s),
+                Io::Swapping => Ok(()),
+            };
+            self.free_slots.push(slot);
+        }
+    }
+
+    fn stream_failed(&mut self, slot: usize, reason: String) {
+        let peer = self.streams[slot].as_ref().and_then(|s| s.peer);
+        let connecting = self.streams[slot].as_ref().is_some_and(|s| s.connecting);
+        match peer {
+            Some(peer) if connecting => {
+                // Dial failed before the link was up: retry until the deadline.
+                let now = Instant::now();
+                let p = self.peers.get_mut(&peer).expect("peer exists");
+                let deadline = *p
+                    .dial_deadline
+                    .get_or_insert(now + self.cfg.connect_timeout);
+                if now < deadline {
+                    for l in p.lanes.iter_mut() {
+                        if *l == Some(slot) {
+                            *l = None;
+                        }
+                    }
+                    // keep frames queued on this lane for the next attempt
+                    if let Some(st) = self.streams[slot].as_mut() {
+                        let lane = st.lane as usize;
+                        let ops: Vec<TxOp> = st.tx.drain(..).filter(|o| o.hdr[3] != FrameKind::Hello as u8).collect();
+                        let p = self.peers.get_mut(&peer).expect("peer exists");
+                        if let Some(e) = p.early.get_mut(lane) {
+                            for op in ops.into_iter().rev() {
+                                e.push_front(op);
+                            }
+                        }
+                    }
+                    self.close_slot(slot);
+                    let p = self.peers.get_mut(&peer).expect("peer exists");
+                    p.redial_at = Some(now + Duration::from_millis(50));
+                } else {
+                    self.lose_peer(
+                        peer,
+                        format!(
+                            "could not connect within {:?}: {reason}",
+                            self.cfg.connect_timeout
+                        ),
+                    );
+                }
+            }
+            Some(peer) => self.lose_peer(peer, reason),
+            None => self.close_slot(slot),
+        }
+    }
+
+    fn accept_tcp(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut s, Token(slot), Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let got = self.slot_insert(Stream::new(Io::Tcp(s), None, 0, LinkKind::Tcp));
+                    debug_assert_eq!(got, slot);
+                    self.read(slot);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn accept_unix(&mut self) {
+        loop {
+            let Some((l, _)) = self.unix.as_mut() else {
+                return;
+            };
+            match l.accept() {
+                Ok((mut s, _)) => {
+                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut s, Token(slot), Interest::READABLE)
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let got =
+                        self.slot_insert(Stream::new(Io::UnixHello(s), None, 0, LinkKind::Shm));
+                    debug_assert_eq!(got, slot);
+                    self.read(slot);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::warn!("accept on unix socket failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Handle a Hello frame on an accepted stream.
+    fn on_hello(&mut self, slot: usize, body: &[u8]) -> std::result::Result<(), String> {
+        let h = parse_hello(body).map_err(|e| format!("bad hello: {e}"))?;
+        if h.from == self.cfg.me {
+            return Err("hello claims to be ourselves".into());
+        }
+        let st = self.streams[slot].as_mut().expect("slot live");
+        if st.peer.is_some() {
+            return Err("second hello on a stream".into());
+        }
+        let kind = st.kind;
+        let expected_lanes = match kind {
+            LinkKind::Tcp => self.cfg.lanes.max(1),
+            _ => 1,
+        };
+        if h.lanes != expected_lanes || h.lane >= expected_lanes {
+            return Err(format!(
+                "peer {} uses lane {} of {} but this process expects {} lanes (set BPS_TCP_LANES alike on every process)",
+                h.from, h.lane, h.lanes, expected_lanes
+            ));
+        }
+        if let Io::UnixHello(_) = st.io {
+            if h.shm_path.is_empty() {
+                return Err("shm hello without a segment path".into());
+            }
+            let seg = ShmSegment::open(std::path::Path::new(&h.shm_path))
+                .map_err(|e| e.to_string())?;
+            let _ = seg.unlink();
+            let Io::UnixHello(sock) = std::mem::replace(&mut st.io, Io::Swapping) else {
+                unreachable!("checked above")
+            };
+            st.io = Io::Shm(ShmStream::new(seg, Side::B, sock));
+        }
+        st.peer = Some(h.from);
+        st.lane = h.lane;
+        let p = self.peer_entry(h.from, kind);
+        if p.kind != Some(kind) {
+            return Err(format!(
+                "peer {} connected over {kind} but is known as {:?}",
+                h.from, p.kind
+            ));
+        }
+        if let Some(old) = p.lanes[h.lane as usize] {
+            if old != slot {
+                return Err(format!("peer {} opened lane {} twice", h.from, h.lane));
+            }
+        }
+        p.lanes[h.lane as usize] = Some(slot);
+        p.up[h.lane as usize] = true;
+        let early: Vec<TxOp> = p.early[h.lane as usize].drain(..).collect();
+        let st = self.streams[slot].as_mut().expect("slot live");
+        st.tx.extend(early);
+        let peer = h.from;
+        self.check_connected(peer);
+        self.flush(slot);
+        Ok(())
+    }
+
+    /// Read everything available on a stream.
+    fn read(&mut self, slot: usize) {
+        let max_msg = self.cfg.max_msg;
+        loop {
+            let Some(st) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if st.dead {
+                return;
+            }
+            let peer_label = st.peer.map(|p| p.to_string()).unwrap_or_else(|| "(unidentified)".into());
+            match &mut st.rx {
+                Rx::Header => {
+                    let avail = st.rx_end - st.rx_start;
+                    if avail >= HEADER_LEN {
+                        let mut hb = [0u8; HEADER_LEN];
+                        hb.copy_from_slice(&st.rxbuf[st.rx_start..st.rx_start + HEADER_LEN]);
+                        st.rx_start += HEADER_LEN;
+                        let hdr = match FrameHeader::decode(&hb, max_msg) {
+                            Ok(h) => h,
+                            Err(e) => {
+                                self.protocol_error(slot, format!("malformed frame: {e}"));
+                                return;
+                            }
+                        };
+                        if st.peer.is_none() && hdr.kind != FrameKind::Hello {
+                            self.protocol_error(slot, "first frame is not a hello".into());
+                            return;
+                        }
+                        match hdr.kind {
+                            FrameKind::Hello | FrameKind::Msg => {
+                                st.rx = Rx::Msg {
+                                    hdr,
+                                    buf: Vec::with_capacity(hdr.len as usize),
+                                };
+                            }
+                            FrameKind::Write => {
+                                let region = self.regions.get(&hdr.token).copied();
+                                let Some(r) = region else {
+                                    self.protocol_error(
+                                        slot,
+                                        format!("write to unknown memory token {:#x}", hdr.token),
+                                    );
+                                    return;
+                                };
+                                let end = hdr.offset.checked_add(hdr.len);
+                                if end.is_none_or(|e| e > r.len as u64) {
+                                    self.protocol_error(
+                                        slot,
+                                        Error::OutOfBounds {
+                                            token: hdr.token,
+                                            offset: hdr.offset,
+                                            len: hdr.len,
+                                            region_len: r.len as u64,
+                                        }
+                                        .to_string(),
+                                    );
+                                    return;
+                                }
+                                let st = self.streams[slot].as_mut().expect("live");
+                                // SAFETY: offset + len <= region length (checked above), so the
+                                // pointer stays inside the registered allocation.
+                                let ptr = unsafe { r.ptr.add(hdr.offset as usize) };
+                                st.rx = Rx::Write { hdr, ptr, got: 0 };
+                            }
+                        }
+                        continue;
+                    }
+                    // need more bytes
+                    if st.rx_start > 0 {
+                        st.rxbuf.copy_within(st.rx_start..st.rx_end, 0);
+                        st.rx_end -= st.rx_start;
+                        st.rx_start = 0;
+                    }
+                    let end = st.rx_end;
+                    // An accepted unix socket carries exactly one Hello frame; read no further
+                    // than it so the doorbell bytes that follow are left alone.
+                    let want = if matches!(st.io, Io::UnixHello(_)) {
+                        HEADER_LEN - end
+                    } else {
+                        RX_BUF - end
+                    };
+                    match st.io.read(&mut st.rxbuf[end..end + want]) {
+                        Ok(0) => {
+                            self.eof(slot);
+                            return;
+                        }
+                        Ok(n) => st.rx_end += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.stream_failed(slot, format!("read from peer {peer_label}: {e}"));
+                            return;
+                        }
+                    }
+                }
+                Rx::Msg { hdr, buf } => {
+                    let need = hdr.len as usize - buf.len();
+                    let avail = st.rx_end - st.rx_start;
+                    let take = need.min(avail);
+                    buf.extend_from_slice(&st.rxbuf[st.rx_start..st.rx_start + take]);
+                    st.rx_start += take;
+                    if buf.len() == hdr.len as usize {
+                        let hdr = *hdr;
+                        let Rx::Msg { buf, .. } = std::mem::replace(&mut st.rx, Rx::Header) else {
+                            unreachable!()
+                        };
+                        if hdr.kind == FrameKind::Hello {
+                            if let Err(reason) = self.on_hello(slot, &buf) {
+                                self.protocol_error(slot, reason);
+                                return;
+                            }
+                        } else {
+                            let peer = st.peer.expect("identified after hello");
+                            self.local.push_back(Event::Message {
+                                peer,
+                                lane: st.lane,
+                                data: buf,
+                            });
+                        }
+                        continue;
+                    }
+                    // need more: read into the staging buffer
+                    st.rx_start = 0;
+                    st.rx_end = 0;
+                    let want = if matches!(st.io, Io::UnixHello(_)) {
+                        (hdr.len as usize - buf.len()).min(RX_BUF)
+                    } else {
+                        RX_BUF
+                    };
+                    match st.io.read(&mut st.rxbuf[..want]) {
+                        Ok(0) => {
+                            self.eof(slot);
+                            return;
+                        }
+                        Ok(n) => st.rx_end = n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.stream_failed(slot, format!("read from peer {peer_label}: {e}"));
+                            return;
+                        }
+                    }
+                }
+                Rx::Write { hdr, ptr, got } => {
+                    let len = hdr.len as usize;
+                    let avail = st.rx_end - st.rx_start;
+                    let take = (len - *got).min(avail);
+                    if take > 0 {
+                        // SAFETY: ptr..ptr+len lies in a registered region (bounds checked when
+                        // the header arrived; a deregistration turns this state into Discard),
+                        // and got + take <= len.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                st.rxbuf.as_ptr().add(st.rx_start),
+                                ptr.add(*got),
+                                take,
+                            );
+                        }
+                        st.rx_start += take;
+                        *got += take;
+                    }
+                    if *got == len {
+                        let hdr = *hdr;
+                        st.rx = Rx::Header;
+                        let peer = st.peer.expect("identified after hello");
+                        self.local.push_back(Event::WriteReceived {
+                            peer,
+                            imm: hdr.imm,
+                            token: hdr.token,
+                            offset: hdr.offset,
+                            len: hdr.len,
+                        });
+                        continue;
+                    }
+                    let left = len - *got;
+                    let res = if left >= DIRECT_READ {
+                        // SAFETY: as above; the slice covers the rest of the payload only.
+                        let dst = unsafe { std::slice::from_raw_parts_mut(ptr.add(*got), left) };
+                        st.io.read(dst).map(|n| {
+                            *got += n;
+                            (n, false)
+                        })
+                    } else {
+                        st.rx_start = 0;
+                        st.rx_end = 0;
+                        st.io.read(&mut st.rxbuf[..]).map(|n| (n, true))
+                    };
+                    match res {
+                        Ok((0, _)) => {
+                            self.eof(slot);
+                            return;
+                        }
+                        Ok((n, true)) => st.rx_end = n,
+                        Ok((_, false)) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.stream_failed(slot, format!("read from peer {peer_label}: {e}"));
+                            return;
+                        }
+                    }
+                }
+                Rx::Discard { left } => {
+                    let avail = (st.rx_end - st.rx_start) as u64;
+                    let take = avail.min(*left);
+                    st.rx_start += take as usize;
+                    *left -= take;
+                    if *left == 0 {
+                        st.rx = Rx::Header;
+                        continue;
+                    }
+                    st.rx_start = 0;
+                    st.rx_end = 0;
+                    match st.io.read(&mut st.rxbuf[..]) {
+                        Ok(0) => {
+                            self.eof(slot);
+                            return;
+                        }
+                        Ok(n) => st.rx_end = n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            self.stream_failed(slot, format!("read from peer {peer_label}: {e}"));
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn eof(&mut self, slot: usize) {
+        self.stream_failed(slot, "connection closed by the peer".into());
+    }
+
+    fn protocol_error(&mut self, slot: usize, reason: String) {
+        let peer = self.streams[slot].as_ref().and_then(|s| s.peer);
+        tracing::warn!(peer = ?peer, "closing connection: {reason}");
+        match peer {
+            Some(peer) => {
+                let err = Error::Protocol { peer, reason };
+                self.lose_peer(peer, err.to_string());
+            }
+            None => self.close_slot(slot),
+        }
+    }
+
+    /// Write as much queued data as the stream takes.
+    fn flush(&mut self, slot: usize) {
+        loop {
+            let Some(st) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+                return;
+            };
+            if st.tx.is_empty() || st.connecting {
+                return;
+            }
+            let mut iov: [IoSlice<'_>; MAX_IOV] = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
+            for op in st.tx.iter() {
+                if n + 2 > MAX_IOV {
+                    break;
+                }
+                if op.sent < HEADER_LEN {
+                    iov[n] = IoSlice::new(&op.hdr[op.sent..]);
+                    n += 1;
+                    if op.body.len() > 0 {
+                        iov[n] = IoSlice::new(op.body.slice_from(0));
+                        n += 1;
+                    }
+                } else if op.sent < op.total() {
+                    iov[n] = IoSlice::new(op.body.slice_from(op.sent - HEADER_LEN));
+                    n += 1;
+                }
+            }
+            let res = st.io.write_vectored(&iov[..n]);
+            match res {
+                Ok(0) => {
+                    self.stream_failed(slot, "write returned 0".into());
+                    return;
+                }
+                Ok(mut w) => {
+                    let peer = st.peer;
+                    while w > 0 {
+                        let op = st.tx.front_mut().expect("wrote more than queued");
+                        let left = op.total() - op.sent;
+                        if w >= left {
+                            w -= left;
+                            let op = st.tx.pop_front().expect("front exists");
+                            if let (Some(wr_id), Some(peer)) = (op.done, peer) {
+                                self.local.push_back(Event::WriteDone { peer, wr_id });
+                            }
+                        } else {
+                            op.sent += w;
+                            w = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let peer = st.peer.map(|p| p.to_string()).unwrap_or_default();
+                    self.stream_failed(slot, format!("write to peer {peer}: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, peer: PeerId, lane: u32, op: TxOp) -> Result<()> {
+        let depth = self.cfg.queue_depth;
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return Err(Error::UnknownPeer { peer });
+        };
+        if let Some(reason) = &p.lost {
+            return Err(Error::PeerLost {
+                peer,
+                reason: reason.clone(),
+            });
+        }
+        let nl = p.lanes.len().max(1);
+        let lane = lane as usize % nl;
+        match p.lanes.get(lane).copied().flatten() {
+            Some(slot) => {
+                let st = self.streams[slot].as_mut().expect("lane slot live");
+                if st.tx.len() >= depth {
+                    return Err(Error::Busy { peer });
+                }
+                let mut op = op;
+                op.hdr[32..36].copy_from_slice(&(lane as u32).to_le_bytes());
+                st.tx.push_back(op);
+                if st.tx.len() == 1 {
+                    self.flush(slot);
+                }
+                Ok(())
+            }
+            None => {
+                let q = &mut p.early[lane];
+                if q.len() >= depth {
+                    return Err(Error::Busy { peer });
+                }
+                q.push_back(op);
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_timers(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.lost.is_none() && p.redial_at.is_some_and(|t| t <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for peer in due {
+            if let Err(e) = self.dial(peer) {
+                self.lose_peer(peer, e.to_string());
+            }
+        }
+    }
+
+    fn next_timer(&self) -> Option<Instant> {
+        self.peers.values().filter_map(|p| p.redial_at).min()
+    }
+}
+
+fn write_all_nonblocking(s: &mut UnixStream, mut b: &[u8]) -> io::Result<()> {
+    let start = Instant::now();
+    while !b.is_empty() {
+        match s.write(b) {
+            Ok(n) => b = &b[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if start.elapsed() > Duration::from_secs(5) {
+                    return Err(e);
+                }
+                std::thread::yield_now();
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn frame_op(kind: FrameKind, imm: u32, lane: u32, body: Body, done: Option<u64>) -> TxOp {
+    let hdr = FrameHeader {
+        kind,
+        imm,
+        len: body.len() as u64,
+        token: 0,
+        offset: 0,
+        lane,
+    }
+    .encode();
+    TxOp {
+        hdr,
+        body,
+        sent: 0,
+        done,
+    }
+}
+
+impl Transport for Net {
+    fn local_peer(&self) -> PeerId {
+        self.cfg.me
+    }
+
+    fn add_peer(&mut self, peer: PeerId, addr: PeerAddr) -> Result<()> {
+        let kind = self.choose_kind(peer, &addr)?;
+        if let Some(p) = self.peers.get(&peer) {
+            if p.addr.is_some() {
+                return Ok(());
+            }
+            if let Some(k) = p.kind {
+                if k != kind {
+                    return Err(Error::Protocol {
+                        peer,
+                        reason: format!("connected over {k} but configuration chooses {kind}"),
+                    });
+                }
+            }
+        }
+        let (me, connect_timeout) = (self.cfg.me, self.cfg.connect_timeout);
+        let p = self.peer_entry(peer, kind);
+        p.addr = Some(addr);
+        if kind == LinkKind::Loopback {
+            p.up = vec![true];
+            self.check_connected(peer);
+            return Ok(());
+        }
+        if me < peer {
+            p.dial_deadline = Some(Instant::now() + connect_timeout);
+            self.dial(peer)?;
+        }
+        Ok(())
+    }
+
+    unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region> {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(0x9E37_79B9_7F4A_7C16) | 1;
+        self.regions.insert(token, RegionEntry { ptr, len });
+        Ok(Region {
+            token,
+            len: len as u64,
+        })
+    }
+
+    fn deregister(&mut self, token: u64) -> Result<()> {
+        self.regions
+            .remove(&token)
+            .ok_or(Error::UnknownToken { token })?;
+        for st in self.streams.iter_mut().flatten() {
+            if let Rx::Write { hdr, got, .. } = st.rx {
+                if hdr.token == token {
+                    st.rx = Rx::Discard {
+                        left: hdr.len - got as u64,
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn try_send(&mut self, peer: PeerId, lane: u32, msg: &[u8]) -> Result<()> {
+        if msg.len() > self.cfg.max_msg {
+            return Err(Error::MessageTooLarge {
+                len: msg.len(),
+                max: self.cfg.max_msg,
+            });
+        }
+        if peer == self.cfg.me {
+            if !self.peers.contains_key(&peer) {
+                return Err(Error::UnknownPeer { peer });
+            }
+            self.local.push_back(Event::Message {
+                peer,
+                lane,
+                data: msg.to_vec(),
+            });
+            return Ok(());
+        }
+        let op = frame_op(FrameKind::Msg, 0, lane, Body::Owned(msg.to_vec()), None);
+        self.enqueue(peer, lane, op)
+    }
+
+    fn try_write_imm(
+        &mut self,
+        peer: PeerId,
+        lane: u32,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+        dst: RemoteSlice,
+        imm: u32,
+        wr_id: u64,
+    ) -> Result<()> {
+        let r = *self
+            .regions
+            .get(&src)
+            .ok_or(Error::UnknownToken { token: src })?;
+        if src_offset.checked_add(len).is_none_or(|e| e > r.len as u64) {
+            return Err(Error::OutOfBounds {
+                token: src,
+                offset: src_offset,
+                len,
+                region_len: r.len as u64,
+            });
+        }
+        // SAFETY: src_offset + len <= region length (checked above).
+        let src_ptr = unsafe { r.ptr.add(src_offset as usize) };
+        if peer == self.cfg.me {
+            if !self.peers.contains_key(&peer) {
+                return Err(Error::UnknownPeer { peer });
+            }
+            let d = *self
+                .regions
+                .get(&dst.token)
+                .ok_or(Error::UnknownToken { token: dst.token })?;
+            if dst.offset.checked_add(len).is_none_or(|e| e > d.len as u64) {
+                return Err(Error::OutOfBounds {
+                    token: dst.token,
+                    offset: dst.offset,
+                    len,
+                    region_len: d.len as u64,
+                });
+            }
+            // SAFETY: both ranges lie inside registered regions (checked above); they may
+            // overlap (the same region), so `copy` (memmove) is used.
+            unsafe {
+                std::ptr::copy(src_ptr, d.ptr.add(dst.offset as usize), len as usize);
+            }
+            self.local.push_back(Event::WriteDone { peer, wr_id });
+            self.local.push_back(Event::WriteReceived {
+                peer,
+                imm,
+                token: dst.token,
+                offset: dst.offset,
+                len,
+            });
+            return Ok(());
+        }
+        let body = Body::Region {
+            ptr: src_ptr,
+            len: len as usize,
+        };
+        let mut op = frame_op(FrameKind::Write, imm, lane, body, Some(wr_id));
+        op.hdr[16..24].copy_from_slice(&dst.token.to_le_bytes());
+        op.hdr[24..32].copy_from_slice(&dst.offset.to_le_bytes());
+        self.enqueue(peer, lane, op)
+    }
+
+    fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> Result<()> {
+        self.handle_timers();
+        let mut timeout = if self.local.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        if let Some(t) = self.next_timer() {
+            let d = t.saturating_duration_since(Instant::now());
+            timeout = Some(timeout.map_or(d, |x| x.min(d)));
+        }
+        match self.poll.poll(&mut self.mio_events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("epoll_wait", e)),
+        }
+        let ready: Vec<(Token, bool, bool, bool)> = self
+            .mio_events
+            .iter()
+            .map(|e| {
+                (
+                    e.token(),
+                    e.is_readable() || e.is_read_closed() || e.is_error(),
+                    e.is_writable(),
+                    e.is_error(),
+                )
+            })
+            .collect();
+        for (tok, readable, writable, error) in ready {
+            match tok {
+                WAKER => {}
+                TCP_LISTENER => self.accept_tcp(),
+                UNIX_LISTENER => self.accept_unix(),
+                Token(slot) => {
+                    let Some(st) = self.streams.get_mut(slot).and_then(Option::as_mut) else {
+                        continue;
+                    };
+                    if st.connecting && (writable || error) {
+                        if let Io::Tcp(s) = &st.io {
+                            let err = s.take_error().ok().flatten();
+                            match (err, s.peer_addr()) {
+                                (None, Ok(_)) => {
+                                    st.connecting = false;
+                                    let (peer, lane) = (st.peer, st.lane);
+                                    if let Some(peer) = peer {
+                                        if let Some(p) = self.peers.get_mut(&peer) {
+                                            p.up[lane as usize] = true;
+                                        }
+                                        self.check_connected(peer);
+                                    }
+                                }
+                                (Some(e), _) | (None, Err(e)) => {
+                                    if e.kind() != io::ErrorKind::NotConnected || error {
+                                        self.stream_failed(slot, format!("connect: {e}"));
+                                        continue;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    let is_shm = matches!(
+                        self.streams.get(slot).and_then(Option::as_ref).map(|s| &s.io),
+                        Some(Io::Shm(_))
+                    );
+                    if is_shm {
+                        let st = self.streams[slot].as_mut().expect("live");
+                        let alive = match &mut st.io {
+                            Io::Shm(s) => s.on_doorbell(),
+                            _ => Ok(true),
+                        };
+                        // Data and space may both have changed: try both directions. A dead
+                        // doorbell is reported after the ring was drained, by read() seeing EOF.
+                        self.flush(slot);
+                        self.read(slot);
+                        if let Ok(false) | Err(_) = alive {
+                            if self.streams.get(slot).is_some_and(Option::is_some) {
+                                self.stream_failed(slot, "peer process closed its shared-memory link".into());
+                            }
+                        }
+                        continue;
+                    }
+                    if writable {
+                        self.flush(slot);
+                    }
+                    if readable {
+                        self.read(slot);
+                    }
+                }
+            }
+        }
+        events.extend(self.local.drain(..));
+        Ok(())
+    }
+
+    fn waker(&self) -> Waker {
+        Waker(self.waker.clone())
+    }
+
+    fn link_kind(&self, peer: PeerId) -> Option<LinkKind> {
+        self.peers.get(&peer).and_then(|p| p.kind)
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for slot in 0..self.streams.len() {
+            self.close_slot(slot);
+        }
+        if let Some((_, path)) = &self.unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
