@@ -1,0 +1,1534 @@
+//! The event loop of a process: worker and/or server roles over one transport.
+//!
+//! One thread per process owns the [`Net`] and every piece of protocol state; framework threads
+//! talk to it through a command channel and the transport's waker, and learn of completions
+//! through the completion queue. Summation runs on separate engine threads
+//! (`BYTEPS_SERVER_ENGINE_THREAD`).
+//!
+//! # Protocol of one chunk (key)
+//!
+//! 1. First use of a key by a worker: `InitKey` (size, dtype, the immediate the server must put
+//!    on answers) to the key's server, which checks it against the other workers' and answers
+//!    `InitAck` with the slot of the key and where this worker's pushes land (a region of its
+//!    receive buffer). This is the one exchange of addresses per (key, peer, direction).
+//! 2. Whenever the output buffer changed: `SetReply` (token and offset of the worker's output
+//!    chunk) on the key's lane, ahead of the push.
+//! 3. Push: one-sided write of the chunk into the server's buffer, immediate = slot | flags.
+//! 4. When every worker pushed, an engine thread sums the receive buffers into the sum buffer in
+//!    one fused pass (a broadcast copies the root's push), and the server writes the result
+//!    straight into each worker's output chunk, immediate = the worker's reply slot.
+//!
+//! A worker has at most one operation per tensor in flight (later ones wait in order), so the
+//! server can count rounds per key without version numbers on the wire: a worker's next push
+//! for a key only comes after it received the answer of the previous round, which the server
+//! sent only after every worker's push of that round.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bps_scheduler::{partition, Chunk, CreditQueue, Key, Priority};
+use bps_transport::cq::Completer;
+use bps_transport::{Event, Net, PeerId, RegistrationCache, RemoteSlice, Transport, Waker};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::config::{Config, Role};
+use crate::dtype::DType;
+use crate::mem::{RawSlice, SharedMem};
+use crate::proto::{BookEntry, Msg};
+use crate::sched::write_msg;
+use crate::sum::{scale_div, sum_into};
+use crate::Error;
+
+/// Immediate flag: this push is part of a broadcast.
+const F_BCAST: u32 = 1 << 24;
+/// Immediate flag: this push carries the broadcast root's data.
+const F_ROOT: u32 = 1 << 25;
+const SLOT_MASK: u32 = (1 << 24) - 1;
+/// wr_id bit of writes made by the server part.
+const WR_SERVER: u64 = 1 << 63;
+
+/// What a push_pull or broadcast does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OpKind {
+    /// Sum across workers (then divide by the number of workers if `average`).
+    Sum { average: bool },
+    /// Every worker gets the root's tensor.
+    Broadcast { root: u32 },
+}
+
+/// A request from the API.
+pub(crate) struct OpRequest {
+    pub tensor: u32,
+    pub name: String,
+    pub dtype: DType,
+    pub bytes: usize,
+    pub input: RawSlice,
+    pub output: RawSlice,
+    pub kind: OpKind,
+    pub priority: i32,
+    pub completer: Completer<Error>,
+}
+
+/// Messages to the event loop.
+pub(crate) enum Command {
+    Op(OpRequest),
+    Barrier(u64, Completer<Error>),
+    Shutdown(Sender<()>),
+    Sched(Msg),
+    SchedLost(String),
+}
+
+struct SumJob {
+    slot: u32,
+    dtype: DType,
+    out: RawSlice,
+    inputs: Vec<RawSlice>,
+}
+
+// ---------------------------------------------------------------- worker state
+
+enum PlaceState {
+    None,
+    Requested,
+    Ready,
+    Failed(Error),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyInit {
+    None,
+    Sent,
+    Ready { slot: u32, token: u64, offset: u64 },
+}
+
+struct WKey {
+    server: PeerId,
+    lane: u32,
+    init: KeyInit,
+    reply_slot: u32,
+    announced: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum ChunkSt {
+    Queued,
+    WaitInit,
+    Pushed,
+    Done,
+}
+
+struct Active {
+    req: OpRequest,
+    in_token: u64,
+    out_token: u64,
+    left: usize,
+    deadline: Instant,
+    chunks: Vec<ChunkSt>,
+}
+
+struct WTensor {
+    name: String,
+    dtype: DType,
+    bytes: usize,
+    chunks: Vec<Chunk>,
+    place: PlaceState,
+    keys: Vec<WKey>,
+    active: Option<Active>,
+    waiting: VecDeque<OpRequest>,
+}
+
+struct Worker {
+    tensors: HashMap<u32, WTensor>,
+    /// reply slot → (tensor, chunk)
+    reply_slots: Vec<(u32, u32)>,
+    queue: CreditQueue<(u32, u32)>,
+    retry: VecDeque<(u32, u32)>,
+    cache: RegistrationCache,
+    barriers: HashMap<u64, Completer<Error>>,
+}
+
+// ---------------------------------------------------------------- server state
+
+#[derive(Clone, Copy, Default)]
+struct SWorker {
+    inited: bool,
+    reply_slot: u32,
+    reply: Option<(u64, u64)>,
+    pushed: bool,
+}
+
+struct SKey {
+    key: Key,
+    name: String,
+    bytes: usize,
+    dtype: DType,
+    recv: SharedMem,
+    recv_token: u64,
+    sum: SharedMem,
+    sum_token: u64,
+    workers: Vec<SWorker>,
+    arrived: u32,
+    flags: Option<u32>,
+    root: Option<u32>,
+    sends_pending: u32,
+    deferred: bool,
+    summing: bool,
+    lane: u32,
+}
+
+struct Server {
+    keys: Vec<SKey>,
+    by_key: HashMap<u64, u32>,
+    by_token: HashMap<u64, u32>,
+    retry: VecDeque<(u32, u32)>,
+    engines: Vec<Sender<SumJob>>,
+    done_rx: Receiver<Result<u32, (u32, String)>>,
+}
+
+/// The event loop's state.
+pub(crate) struct Node {
+    cfg: Config,
+    net: Net,
+    me: PeerId,
+    rank: u32,
+    num_workers: u32,
+    num_servers: u32,
+    book: Vec<BookEntry>,
+    cmds: Receiver<Command>,
+    sched: Arc<Mutex<TcpStream>>,
+    worker: Option<Worker>,
+    server: Option<Server>,
+    broken: Option<Error>,
+    shutdown: Option<(Sender<()>, Instant)>,
+    terminated: bool,
+    events: Vec<Event>,
+    lanes: u32,
+    stats: Arc<Stats>,
+}
+
+/// Counters the tests and tools read.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Bytes pushed by this worker.
+    pub pushed_bytes: std::sync::atomic::AtomicU64,
+    /// Registrations made (cache misses).
+    pub registrations: std::sync::atomic::AtomicU64,
+    /// Rounds summed by this server.
+    pub rounds: std::sync::atomic::AtomicU64,
+}
+
+fn label(book: &[BookEntry], peer: PeerId) -> String {
+    match book.get(peer.0 as usize) {
+        Some(b) => format!("{} {} ({} on {})", b.role, b.rank, b.tcp, b.hostname),
+        None => format!("peer {peer}"),
+    }
+}
+
+/// Register a raw range with the transport, through the cache.
+fn register_cached(
+    net: &mut Net,
+    cache: &mut RegistrationCache,
+    stats: &Stats,
+    r: RawSlice,
+) -> Result<u64, Error> {
+    if let Some(t) = cache.lookup(r.addr, r.len) {
+        return Ok(t);
+    }
+    // SAFETY: `r` is either runtime-owned SharedMem (alive until deregistered) or user memory the
+    // caller of the unsafe API promised to keep valid and untouched until the operation's handle
+    // completes; the runtime revokes (deregisters) a user range before completing a failed
+    // operation, so the transport never writes it afterwards.
+    let region = unsafe { crate::mem::register(net, r)? };
+    stats
+        .registrations
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    for old in cache.insert(r.addr, r.len, region.token) {
+        let _ = net.deregister(old);
+    }
+    Ok(region.token)
+}
+
+impl Node {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        cfg: Config,
+        net: Net,
+        me: PeerId,
+        rank: u32,
+        num_workers: u32,
+        num_servers: u32,
+        book: Vec<BookEntry>,
+        cmds: Receiver<Command>,
+        sched: Arc<Mutex<TcpStream>>,
+        waker: Waker,
+        stats: Arc<Stats>,
+    ) -> Node {
+        let is_worker = book
+            .get(me.0 as usize)
+            .is_some_and(|b| b.role == Role::Worker);
+        let serves = !is_worker || num_servers == 0;
+        let worker = is_worker.then(|| Worker {
+            tensors: HashMap::new(),
+            reply_slots: Vec::new(),
+            queue: CreditQueue::new(cfg.credit_bytes),
+            retry: VecDeque::new(),
+            cache: RegistrationCache::new(1 << 16, 64 << 30),
+            barriers: HashMap::new(),
+        });
+        let server = serves.then(|| {
+            let (done_tx, done_rx) = crossbeam_channel::unbounded();
+            let engines = (0..cfg.engine_threads)
+                .map(|i| {
+                    let (tx, rx) = crossbeam_channel::unbounded::<SumJob>();
+                    let done = done_tx.clone();
+                    let w = waker.clone();
+                    std::thread::Builder::new()
+                        .name(format!("bps-engine-{i}"))
+                        .spawn(move || engine(rx, done, w))
+                        .expect("spawn summation thread");
+                    tx
+                })
+                .collect();
+            Server {
+                keys: Vec::new(),
+                by_key: HashMap::new(),
+                by_token: HashMap::new(),
+                retry: VecDeque::new(),
+                engines,
+                done_rx,
+            }
+        });
+        let lanes = net.lanes().max(1);
+        Node {
+            cfg,
+            net,
+            me,
+            rank,
+            num_workers,
+            num_servers,
+            book,
+            cmds,
+            sched,
+            worker,
+            server,
+            broken: None,
+            shutdown: None,
+            terminated: false,
+            events: Vec::new(),
+            lanes,
+            stats,
+        }
+    }
+
+    fn server_peer(&self, index: u32) -> PeerId {
+        if self.num_servers == 0 {
+            PeerId(index)
+        } else {
+            PeerId(self.num_workers + index)
+        }
+    }
+
+    fn send_sched(&self, m: &Msg) {
+        let mut s = self.sched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = write_msg(&mut s, m) {
+            tracing::debug!("send to scheduler failed: {e}");
+        }
+    }
+
+    /// Run until shut down.
+    pub(crate) fn run(mut self) {
+        loop {
+            while let Ok(c) = self.cmds.try_recv() {
+                self.on_command(c);
+            }
+            self.drain_sums();
+            self.pump();
+            self.check_deadlines();
+            if self.should_exit() {
+                break;
+            }
+            let timeout = self.next_timeout();
+            let mut events = std::mem::take(&mut self.events);
+            if let Err(e) = self.net.poll(&mut events, Some(timeout)) {
+                self.fail_all(Error::Transport(e.to_string()));
+            }
+            for ev in events.drain(..) {
+                self.on_event(ev);
+            }
+            self.events = events;
+        }
+        let err = self.broken.clone().unwrap_or(Error::ShutDown);
+        self.fail_everything(err);
+        if let Some((tx, _)) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    fn should_exit(&mut self) -> bool {
+        if self.terminated {
+            return true;
+        }
+        match &self.shutdown {
+            Some((_, started)) => {
+                // Without a scheduler (lost, or the job broke) nobody will say Terminate.
+                if self.broken.is_some() {
+                    return true;
+                }
+                if started.elapsed() > self.cfg.timeout {
+                    tracing::warn!(
+                        "shutdown: the scheduler did not confirm within {:?}; leaving",
+                        self.cfg.timeout
+                    );
+                    return true;
+                }
+                false
+            }
+            None => {
+                // A server-only process ends with the job.
+                self.worker.is_none() && self.broken.is_some()
+            }
+        }
+    }
+
+    fn next_timeout(&self) -> Duration {
+        let mut t = Duration::from_millis(200);
+        if let Some(w) = &self.worker {
+            if !w.retry.is_empty() {
+                return Duration::ZERO;
+            }
+            let now = Instant::now();
+            for tensor in w.tensors.values() {
+                if let Some(a) = &tensor.active {
+                    t = t.min(a.deadline.saturating_duration_since(now));
+                }
+            }
+        }
+        if self.server.as_ref().is_some_and(|s| !s.retry.is_empty()) {
+            return Duration::ZERO;
+        }
+        t
+    }
+
+    // ------------------------------------------------------------ commands
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::Op(req) => self.on_op(req),
+            Command::Barrier(id, completer) => {
+                if let Some(e) = &self.broken {
+                    completer.complete(Err(e.clone()));
+                    return;
+                }
+                if let Some(w) = self.worker.as_mut() {
+                    w.barriers.insert(id, completer);
+                    self.send_sched(&Msg::Barrier { id });
+                }
+            }
+            Command::Shutdown(tx) => {
+                self.send_sched(&Msg::Goodbye);
+                self.shutdown = Some((tx, Instant::now()));
+            }
+            Command::Sched(m) => self.on_sched(m),
+            Command::SchedLost(why) => {
+                if !self.terminated {
+                    self.fail_all(Error::Peer {
+                        what: "rendezvous".into(),
+                        peer: format!("scheduler {}", self.cfg.scheduler),
+                        reason: format!("lost: {why}"),
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_sched(&mut self, m: Msg) {
+        match m {
+            Msg::Placement { tensor, servers } => {
+                let lanes = self.lanes;
+                let num_servers = if self.num_servers == 0 {
+                    self.num_workers
+                } else {
+                    self.num_servers
+                };
+                let peers: Vec<PeerId> = servers.iter().map(|s| self.server_peer(*s)).collect();
+                let Some(w) = self.worker.as_mut() else {
+                    return;
+                };
+                let Some(t) = w.tensors.get_mut(&tensor) else {
+                    return;
+                };
+                if servers.len() != t.chunks.len() || servers.iter().any(|s| *s >= num_servers) {
+                    t.place = PlaceState::Failed(Error::Mismatch {
+                        name: t.name.clone(),
+                        reason: "the scheduler's placement does not match the tensor's chunks"
+                            .into(),
+                    });
+                } else {
+                    t.keys = t
+                        .chunks
+                        .iter()
+                        .zip(peers)
+                        .map(|(c, server)| {
+                            let key = Key::new(bps_scheduler::TensorId(tensor), c.index);
+                            let slot = w.reply_slots.len() as u32;
+                            w.reply_slots.push((tensor, c.index.0));
+                            WKey {
+                                server,
+                                lane: (key.0 ^ (key.0 >> 32)) as u32 % lanes,
+                                init: KeyInit::None,
+                                reply_slot: slot,
+                                announced: None,
+                            }
+                        })
+                        .collect();
+                    t.place = PlaceState::Ready;
+                }
+                self.start_ready(tensor);
+            }
+            Msg::PlaceError { tensor, reason } => {
+                let name = self
+                    .worker
+                    .as_ref()
+                    .and_then(|w| w.tensors.get(&tensor))
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default();
+                let err = Error::Mismatch { name, reason };
+                if let Some(t) = self.worker.as_mut().and_then(|w| w.tensors.get_mut(&tensor)) {
+                    t.place = PlaceState::Failed(err.clone());
+                }
+                self.fail_tensor(tensor, err);
+            }
+            Msg::BarrierDone { id } => {
+                if let Some(c) = self.worker.as_mut().and_then(|w| w.barriers.remove(&id)) {
+                    c.complete(Ok(()));
+                }
+            }
+            Msg::Terminate => self.terminated = true,
+            Msg::PeerDead { peer, reason } => {
+                let _ = peer;
+                if self.shutdown.is_some() {
+                    tracing::debug!("during shutdown: {reason}");
+                }
+                self.fail_all(Error::Peer {
+                    what: "job".into(),
+                    peer: String::new(),
+                    reason,
+                });
+            }
+            other => tracing::warn!("unexpected message from the scheduler: {other:?}"),
+        }
+    }
+
+    fn on_op(&mut self, req: OpRequest) {
+        if let Some(e) = &self.broken {
+            req.completer.complete(Err(e.clone()));
+            return;
+        }
+        if self.shutdown.is_some() {
+            req.completer.complete(Err(Error::ShutDown));
+            return;
+        }
+        let partition_bytes = self.cfg.partition_bytes;
+        let Some(w) = self.worker.as_mut() else {
+            req.completer
+                .complete(Err(Error::InvalidArgument("this process is not a worker".into())));
+            return;
+        };
+        let tensor = req.tensor;
+        match w.tensors.get(&tensor) {
+            Some(t) => {
+                if t.bytes != req.bytes || t.dtype != req.dtype {
+                    let e = Error::Mismatch {
+                        name: req.name.clone(),
+                        reason: format!(
+                            "first used with {} bytes of {}, now {} bytes of {}",
+                            t.bytes, t.dtype, req.bytes, req.dtype
+                        ),
+                    };
+                    req.completer.complete(Err(e));
+                    return;
+                }
+            }
+            None => {
+                let chunks = match partition(req.bytes, req.dtype.size(), partition_bytes) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        req.completer.complete(Err(Error::InvalidArgument(e.to_string())));
+                        return;
+                    }
+                };
+                w.tensors.insert(
+                    tensor,
+                    WTensor {
+                        name: req.name.clone(),
+                        dtype: req.dtype,
+                        bytes: req.bytes,
+                        chunks,
+                        place: PlaceState::None,
+                        keys: Vec::new(),
+                        active: None,
+                        waiting: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        if req.bytes == 0 {
+            req.completer.complete(Ok(()));
+            return;
+        }
+        let t = w.tensors.get_mut(&tensor).expect("inserted above");
+        if let PlaceState::Failed(e) = &t.place {
+            req.completer.complete(Err(e.clone()));
+            return;
+        }
+        t.waiting.push_back(req);
+        if matches!(t.place, PlaceState::None) {
+            t.place = PlaceState::Requested;
+            let (name, bytes, dtype) = (t.name.clone(), t.bytes as u64, t.dtype as u8);
+            self.send_sched(&Msg::Place {
+                tensor,
+                name,
+                bytes,
+                dtype,
+            });
+            return;
+        }
+        self.start_ready(tensor);
+    }
+
+    /// Start the next waiting operation of a tensor if it is placed and idle.
+    fn start_ready(&mut self, tensor: u32) {
+        let timeout = self.cfg.timeout;
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        if !matches!(t.place, PlaceState::Ready) || t.active.is_some() {
+            return;
+        }
+        let Some(req) = t.waiting.pop_front() else {
+            return;
+        };
+        let in_token = register_cached(&mut self.net, &mut w.cache, &self.stats, req.input);
+        let out_token = if req.output == req.input {
+            in_token.clone()
+        } else {
+            register_cached(&mut self.net, &mut w.cache, &self.stats, req.output)
+        };
+        let (in_token, out_token) = match (in_token, out_token) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                req.completer.complete(Err(e));
+                return;
+            }
+        };
+        let n = t.chunks.len();
+        let prio = Priority(req.priority);
+        for c in &t.chunks {
+            w.queue.push((tensor, c.index.0), prio, c.len as u64);
+        }
+        t.active = Some(Active {
+            req,
+            in_token,
+            out_token,
+            left: n,
+            deadline: Instant::now() + timeout,
+            chunks: vec![ChunkSt::Queued; n],
+        });
+    }
+
+    // ------------------------------------------------------------ issuing
+
+    fn pump(&mut self) {
+        // server answers that hit back-pressure
+        if let Some(s) = self.server.as_mut() {
+            let retry: Vec<(u32, u32)> = s.retry.drain(..).collect();
+            for (slot, w) in retry {
+                self.send_answer(slot, w);
+            }
+        }
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let retry: Vec<(u32, u32)> = w.retry.drain(..).collect();
+        for (t, c) in retry {
+            self.issue(t, c);
+        }
+        loop {
+            let Some(w) = self.worker.as_mut() else {
+                return;
+            };
+            if !w.retry.is_empty() {
+                return;
+            }
+            let Some(((t, c), _)) = w.queue.pop() else {
+                return;
+            };
+            self.issue(t, c);
+        }
+    }
+
+    /// Move one chunk forward: key set-up, reply address, push.
+    fn issue(&mut self, tensor: u32, chunk: u32) {
+        let rank = self.rank;
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        let Some(a) = t.active.as_mut() else {
+            return;
+        };
+        let ci = chunk as usize;
+        if a.chunks[ci] == ChunkSt::Done || a.chunks[ci] == ChunkSt::Pushed {
+            return;
+        }
+        let c = t.chunks[ci];
+        let key = Key::new(bps_scheduler::TensorId(tensor), c.index);
+        let k = &mut t.keys[ci];
+        match k.init {
+            KeyInit::None => {
+                let m = Msg::InitKey {
+                    key: key.0,
+                    bytes: c.len as u64,
+                    dtype: t.dtype as u8,
+                    reply_slot: k.reply_slot,
+                    name: t.name.clone(),
+                };
+                match self.net.try_send(k.server, k.lane, &m.encode()) {
+                    Ok(()) => {
+                        k.init = KeyInit::Sent;
+                        a.chunks[ci] = ChunkSt::WaitInit;
+                    }
+                    Err(e) if e.is_busy() => w.retry.push_back((tensor, chunk)),
+                    Err(e) => {
+                        let peer = label(&self.book, k.server);
+                        let name = t.name.clone();
+                        self.fail_tensor(
+                            tensor,
+                            Error::Peer {
+                                what: format!("push_pull of {name:?} (key {key})"),
+                                peer,
+                                reason: e.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+            KeyInit::Sent => a.chunks[ci] = ChunkSt::WaitInit,
+            KeyInit::Ready {
+                slot,
+                token,
+                offset,
+            } => {
+                let want = (a.out_token, c.offset as u64);
+                if k.announced != Some(want) {
+                    let m = Msg::SetReply {
+                        server_slot: slot,
+                        token: want.0,
+                        offset: want.1,
+                    };
+                    match self.net.try_send(k.server, k.lane, &m.encode()) {
+                        Ok(()) => k.announced = Some(want),
+                        Err(e) if e.is_busy() => {
+                            w.retry.push_back((tensor, chunk));
+                            return;
+                        }
+                        Err(e) => {
+                            let peer = label(&self.book, k.server);
+                            let name = t.name.clone();
+                            self.fail_tensor(
+                                tensor,
+                                Error::Peer {
+                                    what: format!("push_pull of {name:?} (key {key})"),
+                                    peer,
+                                    reason: e.to_string(),
+                                },
+                            );
+                            return;
+                        }
+                    }
+                }
+                let (len, flags) = match a.req.kind {
+                    OpKind::Sum { .. } => (c.len as u64, 0),
+                    OpKind::Broadcast { root } if root == rank => (c.len as u64, F_BCAST | F_ROOT),
+                    OpKind::Broadcast { .. } => (0, F_BCAST),
+                };
+                let wr_id = ((tensor as u64) << 32) | chunk as u64;
+                let r = self.net.try_write_imm(
+                    k.server,
+                    k.lane,
+                    a.in_token,
+                    c.offset as u64,
+                    len,
+                    RemoteSlice { token, offset },
+                    slot | flags,
+                    wr_id,
+                );
+                match r {
+                    Ok(()) => {
+                        a.chunks[ci] = ChunkSt::Pushed;
+                        self.stats
+                            .pushed_bytes
+                            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) if e.is_busy() => w.retry.push_back((tensor, chunk)),
+                    Err(e) => {
+                        let peer = label(&self.book, k.server);
+                        let name = t.name.clone();
+                        self.fail_tensor(
+                            tensor,
+                            Error::Peer {
+                                what: format!("push_pull of {name:?} (key {key})"),
+                                peer,
+                                reason: e.to_string(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ events
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Connected { peer, kind } => {
+                tracing::debug!("connected to {} over {kind}", label(&self.book, peer));
+            }
+            Event::Message { peer, data, .. } => match Msg::decode(&data) {
+                Ok(m) => self.on_peer_msg(peer, m),
+                Err(e) => {
+                    let who = label(&self.book, peer);
+                    tracing::warn!("undecodable message from {who}: {e}");
+                    self.fail_all(Error::Peer {
+                        what: "control message".into(),
+                        peer: who,
+                        reason: format!("sent an undecodable message: {e}"),
+                    });
+                }
+            },
+            Event::WriteDone { peer: _, wr_id } => {
+                if wr_id & WR_SERVER != 0 {
+                    let slot = (wr_id & 0xffff_ffff) as u32;
+                    self.on_answer_sent(slot);
+                }
+            }
+            Event::WriteReceived {
+                peer,
+                imm,
+                token,
+                offset,
+                len,
+            } => {
+                let to_server = self
+                    .server
+                    .as_ref()
+                    .is_some_and(|s| s.by_token.contains_key(&token));
+                if to_server {
+                    self.on_push(peer, imm, token, offset, len);
+                } else {
+                    self.on_answer(peer, imm, token, offset, len);
+                }
+            }
+            Event::PeerLost { peer, error } => {
+                if self.terminated || self.shutdown.is_some() && self.broken.is_none() {
+                    tracing::debug!("{} left: {error}", label(&self.book, peer));
+                    if self.shutdown.is_some() {
+                        return;
+                    }
+                }
+                let who = label(&self.book, peer);
+                self.fail_all(Error::Peer {
+                    what: "connection".into(),
+                    peer: who,
+                    reason: format!("lost: {error}"),
+                });
+            }
+        }
+    }
+
+    fn on_peer_msg(&mut self, peer: PeerId, m: Msg) {
+        match m {
+            Msg::InitKey {
+                key,
+                bytes,
+                dtype,
+                reply_slot,
+                name,
+            } => self.on_init_key(peer, key, bytes, dtype, reply_slot, name),
+            Msg::SetReply {
+                server_slot,
+                token,
+                offset,
+            } => {
+                let wi = peer.0 as usize;
+                let ok = self.server.as_mut().and_then(|s| {
+                    let k = s.keys.get_mut(server_slot as usize)?;
+                    let w = k.workers.get_mut(wi)?;
+                    w.inited.then(|| w.reply = Some((token, offset)))
+                });
+                if ok.is_none() {
+                    self.protocol_violation(peer, format!("SetReply for unknown slot {server_slot}"));
+                }
+            }
+            Msg::InitAck {
+                key,
+                server_slot,
+                token,
+                offset,
+            } => {
+                let k = Key(key);
+                let (tensor, chunk) = (k.tensor().0, k.chunk().0 as usize);
+                let Some(t) = self.worker.as_mut().and_then(|w| w.tensors.get_mut(&tensor)) else {
+                    return;
+                };
+                let Some(wk) = t.keys.get_mut(chunk) else {
+                    return;
+                };
+                wk.init = KeyInit::Ready {
+                    slot: server_slot & SLOT_MASK,
+                    token,
+                    offset,
+                };
+                let waiting = t
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.chunks[chunk] == ChunkSt::WaitInit);
+                if waiting {
+                    self.issue(tensor, chunk as u32);
+                }
+            }
+            Msg::KeyError { key, reason } => {
+                let k = Key(key);
+                let name = self
+                    .worker
+                    .as_ref()
+                    .and_then(|w| w.tensors.get(&k.tensor().0))
+                    .map(|t| t.name.clone())
+                    .unwrap_or_default();
+                let who = label(&self.book, peer);
+                self.fail_tensor(
+                    k.tensor().0,
+                    Error::Mismatch {
+                        name,
+                        reason: format!("key {k} refused by {who}: {reason}"),
+                    },
+                );
+            }
+            other => {
+                self.protocol_violation(peer, format!("unexpected message {other:?}"));
+            }
+        }
+    }
+
+    fn protocol_violation(&mut self, peer: PeerId, what: String) {
+        let who = label(&self.book, peer);
+        tracing::warn!("protocol violation by {who}: {what}");
+        self.fail_all(Error::Peer {
+            what: "protocol".into(),
+            peer: who,
+            reason: what,
+        });
+    }
+
+    // ------------------------------------------------------------ server part
+
+    fn on_init_key(
+        &mut self,
+        peer: PeerId,
+        key: u64,
+        bytes: u64,
+        dtype: u8,
+        reply_slot: u32,
+        name: String,
+    ) {
+        let nw = self.num_workers as usize;
+        let lanes = self.lanes;
+        let max_bytes = self.cfg.partition_bytes as u64;
+        let who = label(&self.book, peer);
+        let Some(s) = self.server.as_mut() else {
+            self.protocol_violation(peer, "InitKey sent to a process that serves no keys".into());
+            return;
+        };
+        let reply = |net: &mut Net, m: Msg, lane: u32| {
+            if let Err(e) = net.try_send(peer, lane, &m.encode()) {
+                tracing::warn!("answer to {who} failed: {e}");
+            }
+        };
+        let k = Key(key);
+        let lane = (k.0 ^ (k.0 >> 32)) as u32 % lanes;
+        if peer.0 as usize >= nw {
+            reply(
+                &mut self.net,
+                Msg::KeyError {
+                    key,
+                    reason: "only workers push".into(),
+                },
+                lane,
+            );
+            return;
+        }
+        let Some(dt) = DType::from_u8(dtype) else {
+            reply(
+                &mut self.net,
+                Msg::KeyError {
+                    key,
+                    reason: format!("unknown dtype code {dtype}"),
+                },
+                lane,
+            );
+            return;
+        };
+        if bytes == 0 || bytes > max_bytes || bytes % dt.size() as u64 != 0 {
+            reply(
+                &mut self.net,
+                Msg::KeyError {
+                    key,
+                    reason: format!(
+                        "chunk of {bytes} bytes is not allowed (1..={max_bytes} bytes, whole {dt} elements)"
+                    ),
+                },
+                lane,
+            );
+            return;
+        }
+        if s.keys.len() >= SLOT_MASK as usize && !s.by_key.contains_key(&key) {
+            reply(
+                &mut self.net,
+                Msg::KeyError {
+                    key,
+                    reason: "this server holds the maximum number of keys".into(),
+                },
+                lane,
+            );
+            return;
+        }
+        let slot = match s.by_key.get(&key) {
+            Some(&slot) => {
+                let sk = &s.keys[slot as usize];
+                if sk.bytes as u64 != bytes || sk.dtype != dt {
+                    let reason = format!(
+                        "tensor {:?} key {k} is {} bytes of {} on the first worker that used it but {bytes} bytes of {dt} ({name:?}) on {who}",
+                        sk.name, sk.bytes, sk.dtype
+                    );
+                    reply(&mut self.net, Msg::KeyError { key, reason }, lane);
+                    return;
+                }
+                slot
+            }
+            None => {
+                let recv = SharedMem::new(nw * bytes as usize);
+                let sum = SharedMem::new(bytes as usize);
+                // SAFETY: both buffers are owned by the SKey stored below and are deregistered
+                // before they are dropped (Node::drop).
+                let (rt, st) = unsafe {
+                    (
+                        crate::mem::register(&mut self.net, recv.raw()),
+                        crate::mem::register(&mut self.net, sum.raw()),
+                    )
+                };
+                let (rt, st) = match (rt, st) {
+                    (Ok(a), Ok(b)) => (a.token, b.token),
+                    (Err(e), _) | (_, Err(e)) => {
+                        reply(
+                            &mut self.net,
+                            Msg::KeyError {
+                                key,
+                                reason: e.to_string(),
+                            },
+                            lane,
+                        );
+                        return;
+                    }
+                };
+                let slot = s.keys.len() as u32;
+                s.keys.push(SKey {
+                    key: k,
+                    name: name.clone(),
+                    bytes: bytes as usize,
+                    dtype: dt,
+                    recv,
+                    recv_token: rt,
+                    sum,
+                    sum_token: st,
+                    workers: vec![SWorker::default(); nw],
+                    arrived: 0,
+                    flags: None,
+                    root: None,
+                    sends_pending: 0,
+                    deferred: false,
+                    summing: false,
+                    lane,
+                });
+                s.by_key.insert(key, slot);
+                s.by_token.insert(rt, slot);
+                slot
+            }
+        };
+        let sk = &mut s.keys[slot as usize];
+        let w = &mut sk.workers[peer.0 as usize];
+        w.inited = true;
+        w.reply_slot = reply_slot;
+        let ack = Msg::InitAck {
+            key,
+            server_slot: slot,
+            token: sk.recv_token,
+            offset: peer.0 as u64 * sk.bytes as u64,
+        };
+        reply(&mut self.net, ack, lane);
+    }
+
+    fn on_push(&mut self, peer: PeerId, imm: u32, token: u64, offset: u64, len: u64) {
+        let nw = self.num_workers;
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let slot = imm & SLOT_MASK;
+        let flags = imm & !SLOT_MASK;
+        let wi = peer.0;
+        let bad = |why: String| why;
+        let check = (|| {
+            let sk = s
+                .keys
+                .get(slot as usize)
+                .ok_or_else(|| bad(format!("push for unknown slot {slot}")))?;
+            if s.by_token.get(&token) != Some(&slot) {
+                return Err(bad(format!("push for slot {slot} landed in another key's buffer")));
+            }
+            let w = sk
+                .workers
+                .get(wi as usize)
+                .ok_or_else(|| bad("push from a non-worker".into()))?;
+            if !w.inited {
+                return Err(bad(format!("push for key {} before InitKey", sk.key)));
+            }
+            if offset != wi as u64 * sk.bytes as u64 {
+                return Err(bad(format!("push for key {} at the wrong offset", sk.key)));
+            }
+            let want_len = if flags & F_BCAST != 0 && flags & F_ROOT == 0 {
+                0
+            } else {
+                sk.bytes as u64
+            };
+            if len != want_len {
+                return Err(bad(format!(
+                    "push of {len} bytes for key {} of {} bytes",
+                    sk.key, sk.bytes
+                )));
+            }
+            if w.pushed {
+                return Err(bad(format!(
+                    "second push for key {} before the round ended",
+                    sk.key
+                )));
+            }
+            Ok(())
+        })();
+        if let Err(why) = check {
+            self.protocol_violation(peer, why);
+            return;
+        }
+        let sk = &mut s.keys[slot as usize];
+        let round_kind = flags & F_BCAST;
+        match sk.flags {
+            None => sk.flags = Some(round_kind),
+            Some(f) if f != round_kind => {
+                let reason = format!(
+                    "workers disagree on the operation for key {} of {:?}: some push_pull, some broadcast",
+                    sk.key, sk.name
+                );
+                let key = sk.key.0;
+                let lane = sk.lane;
+                let peers: Vec<u32> = (0..nw).collect();
+                sk.arrived = 0;
+                sk.flags = None;
+                sk.root = None;
+                for w in sk.workers.iter_mut() {
+                    w.pushed = false;
+                }
+                for p in peers {
+                    let _ = self.net.try_send(
+                        PeerId(p),
+                        lane,
+                        &Msg::KeyError {
+                            key,
+                            reason: reason.clone(),
+                        }
+                        .encode(),
+                    );
+                }
+                return;
+            }
+            Some(_) => {}
+        }
+        if flags & F_ROOT != 0 {
+            if sk.root.is_some() {
+                let why = format!("two broadcast roots for key {}", sk.key);
+                self.protocol_violation(peer, why);
+                return;
+            }
+            sk.root = Some(wi);
+        }
+        sk.workers[wi as usize].pushed = true;
+        sk.arrived += 1;
+        if sk.arrived == nw {
+            if sk.sends_pending > 0 || sk.summing {
+                sk.deferred = true;
+            } else {
+                self.reduce(slot);
+            }
+        }
+    }
+
+    /// Every worker pushed: sum (or copy the broadcast root's data) on an engine thread.
+    fn reduce(&mut self, slot: u32) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        let n = sk.bytes;
+        let inputs: Vec<RawSlice> = match (sk.flags, sk.root) {
+            (Some(f), Some(root)) if f & F_BCAST != 0 => vec![sk.recv.raw().sub(root as usize * n, n)],
+            (Some(f), None) if f & F_BCAST != 0 => {
+                let reason = format!("broadcast of key {} has no root among the workers", sk.key);
+                let key = sk.key.0;
+                let lane = sk.lane;
+                for p in 0..self.num_workers {
+                    let _ = self.net.try_send(
+                        PeerId(p),
+                        lane,
+                        &Msg::KeyError {
+                            key,
+                            reason: reason.clone(),
+                        }
+                        .encode(),
+                    );
+                }
+                return;
+            }
+            _ => (0..sk.workers.len())
+                .map(|w| sk.recv.raw().sub(w * n, n))
+                .collect(),
+        };
+        sk.summing = true;
+        let job = SumJob {
+            slot,
+            dtype: sk.dtype,
+            out: sk.sum.raw(),
+            inputs,
+        };
+        let e = slot as usize % s.engines.len();
+        if s.engines[e].send(job).is_err() {
+            self.fail_all(Error::Transport("a summation thread died".into()));
+        }
+    }
+
+    fn drain_sums(&mut self) {
+        let Some(s) = self.server.as_ref() else {
+            return;
+        };
+        let done: Vec<_> = s.done_rx.try_iter().collect();
+        for d in done {
+            match d {
+                Ok(slot) => self.answer(slot),
+                Err((slot, why)) => {
+                    let s = self.server.as_mut().expect("server");
+                    let sk = &mut s.keys[slot as usize];
+                    sk.summing = false;
+                    let (key, lane) = (sk.key.0, sk.lane);
+                    for p in 0..self.num_workers {
+                        let _ = self.net.try_send(
+                            PeerId(p),
+                            lane,
+                            &Msg::KeyError {
+                                key,
+                                reason: why.clone(),
+                            }
+                            .encode(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The round's result is ready: write it to every worker.
+    fn answer(&mut self, slot: u32) {
+        let nw = self.num_workers;
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        sk.summing = false;
+        sk.arrived = 0;
+        sk.flags = None;
+        sk.root = None;
+        for w in sk.workers.iter_mut() {
+            w.pushed = false;
+        }
+        self.stats
+            .rounds
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for w in 0..nw {
+            self.send_answer(slot, w);
+        }
+    }
+
+    fn send_answer(&mut self, slot: u32, w: u32) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        let sw = sk.workers[w as usize];
+        let Some((token, offset)) = sw.reply else {
+            let why = format!("worker {w} pushed key {} without a reply address", sk.key);
+            self.protocol_violation(PeerId(w), why);
+            return;
+        };
+        let r = self.net.try_write_imm(
+            PeerId(w),
+            sk.lane,
+            sk.sum_token,
+            0,
+            sk.bytes as u64,
+            RemoteSlice { token, offset },
+            sw.reply_slot,
+            WR_SERVER | slot as u64,
+        );
+        match r {
+            Ok(()) => sk.sends_pending += 1,
+            Err(e) if e.is_busy() => s.retry.push_back((slot, w)),
+            Err(e) => {
+                tracing::debug!("answer to worker {w} failed: {e}");
+            }
+        }
+    }
+
+    fn on_answer_sent(&mut self, slot: u32) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let Some(sk) = s.keys.get_mut(slot as usize) else {
+            return;
+        };
+        sk.sends_pending = sk.sends_pending.saturating_sub(1);
+        if sk.sends_pending == 0 && sk.deferred {
+            sk.deferred = false;
+            self.reduce(slot);
+        }
+    }
+
+    // ------------------------------------------------------------ worker completions
+
+    fn on_answer(&mut self, peer: PeerId, imm: u32, token: u64, offset: u64, len: u64) {
+        let nw = self.num_workers;
+        let timeout = self.cfg.timeout;
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(&(tensor, chunk)) = w.reply_slots.get(imm as usize) else {
+            self.protocol_violation(peer, format!("answer with unknown reply slot {imm}"));
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        let ci = chunk as usize;
+        let c = t.chunks[ci];
+        let Some(a) = t.active.as_mut() else {
+            self.protocol_violation(peer, format!("answer for idle tensor {tensor}"));
+            return;
+        };
+        if a.chunks[ci] != ChunkSt::Pushed
+            || token != a.out_token
+            || offset != c.offset as u64
+            || len != c.len as u64
+            || t.keys[ci].server != peer
+        {
+            let why = format!(
+                "unexpected answer for key {} (state {:?})",
+                Key::new(bps_scheduler::TensorId(tensor), c.index),
+                a.chunks[ci]
+            );
+            self.protocol_violation(peer, why);
+            return;
+        }
+        a.chunks[ci] = ChunkSt::Done;
+        if let OpKind::Sum { average: true } = a.req.kind {
+            // SAFETY: the server's answer for this chunk has fully arrived, no other write
+            // targets this chunk of the output until the operation completes, and the API
+            // caller may not touch the output before then.
+            let out = unsafe { a.req.output.sub(c.offset, c.len).view_mut() };
+            if let Err(e) = scale_div(t.dtype, out, nw) {
+                tracing::error!("average failed: {e}");
+            }
+        }
+        w.queue.release(c.len as u64);
+        a.left -= 1;
+        a.deadline = Instant::now() + timeout;
+        if a.left == 0 {
+            let a = t.active.take().expect("active");
+            w.cache.unpin(a.req.input.addr, a.req.input.len);
+            if a.req.output != a.req.input {
+                w.cache.unpin(a.req.output.addr, a.req.output.len);
+            }
+            a.req.completer.complete(Ok(()));
+            self.start_ready(tensor);
+        }
+    }
+
+    // ------------------------------------------------------------ failures
+
+    fn check_deadlines(&mut self) {
+        let now = Instant::now();
+        let Some(w) = self.worker.as_ref() else {
+            return;
+        };
+        let mut expired = None;
+        for (id, t) in &w.tensors {
+            if let Some(a) = &t.active {
+                if a.deadline <= now {
+                    let pending: Vec<usize> = a
+                        .chunks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, s)| **s != ChunkSt::Done)
+                        .map(|(i, _)| i)
+                        .collect();
+                    let first = pending[0];
+                    let key = Key::new(bps_scheduler::TensorId(*id), t.chunks[first].index);
+                    let server = t.keys.get(first).map(|k| k.server);
+                    expired = Some((t.name.clone(), key, server, pending.len()));
+                    break;
+                }
+            }
+        }
+        if let Some((name, key, server, n)) = expired {
+            let peer = match server {
+                Some(s) => label(&self.book, s),
+                None => format!("scheduler {}", self.cfg.scheduler),
+            };
+            // A peer silent for the whole timeout is treated as dead: the job cannot finish
+            // without it, so everything pending fails now, with its name.
+            self.fail_all(Error::Timeout {
+                what: format!("push_pull of {name:?} (key {key}, {n} chunks pending)"),
+                peer,
+                timeout: self.cfg.timeout,
+            });
+        }
+    }
+
+    /// Fail the active and waiting operations of one tensor.
+    fn fail_tensor(&mut self, tensor: u32, err: Error) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        if let Some(a) = t.active.take() {
+            // Revoke the output so a late answer cannot land in memory the caller may reuse.
+            for r in [a.req.input, a.req.output] {
+                if let Some(tok) = w.cache.remove(r.addr, r.len) {
+                    let _ = self.net.deregister(tok);
+                }
+            }
+            // Give back the credit of chunks that were counted in flight.
+            for (i, st) in a.chunks.iter().enumerate() {
+                if matches!(st, ChunkSt::WaitInit | ChunkSt::Pushed) {
+                    w.queue.release(t.chunks[i].len as u64);
+                }
+            }
+            a.req.completer.complete(Err(err.clone()));
+        }
+        for r in t.waiting.drain(..) {
+            r.completer.complete(Err(err.clone()));
+        }
+        // Queued chunks of this tensor are dropped when popped (no active op).
+        for k in t.keys.iter_mut() {
+            if k.init == KeyInit::Sent {
+                k.init = KeyInit::None;
+            }
+        }
+    }
+
+    /// The job is broken: fail everything pending now and every later call.
+    fn fail_all(&mut self, err: Error) {
+        if self.broken.is_none() {
+            tracing::error!("{err}");
+            self.broken = Some(err.clone());
+        }
+        self.fail_everything(err);
+    }
+
+    fn fail_everything(&mut self, err: Error) {
+        let ids: Vec<u32> = self
+            .worker
+            .as_ref()
+            .map(|w| w.tensors.keys().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            self.fail_tensor(id, err.clone());
+        }
+        if let Some(w) = self.worker.as_mut() {
+            w.queue.drain();
+            w.retry.clear();
+            for (_, c) in w.barriers.drain() {
+                c.complete(Err(err.clone()));
+            }
+        }
+        // Stop reading user memory: drop every link (queued writes from user buffers go too).
+        if self.broken.is_some() {
+            for p in 0..self.book.len() as u32 {
+                if PeerId(p) != self.me {
+                    self.net.disconnect(PeerId(p));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.as_mut() {
+            for k in &s.keys {
+                let _ = self.net.deregister(k.recv_token);
+                let _ = self.net.deregister(k.sum_token);
+            }
+        }
+    }
+}
+
+/// A summation thread: sums (or copies) and reports back.
+fn engine(
+    rx: Receiver<SumJob>,
+    done: Sender<Result<u32, (u32, String)>>,
+    waker: Waker,
+) {
+    for job in rx {
+        // SAFETY: every worker has pushed this round and no push of the next round can arrive
+        // before the answer of this one is sent (module docs), so the receive buffers are
+        // quiet; the sum buffer is written only here, and read by the transport only after
+        // this job reports back.
+        let (out, inputs) = unsafe {
+            (
+                job.out.view_mut(),
+                job.inputs.iter().map(|r| r.view()).collect::<Vec<_>>(),
+            )
+        };
+        let r = sum_into(job.dtype, out, &inputs)
+            .map(|_| job.slot)
+            .map_err(|e| (job.slot, e.to_string()));
+        if done.send(r).is_err() {
+            return;
+        }
+        waker.wake();
+    }
+}
