@@ -1,5 +1,6 @@
 //! bps-runtime (being assembled)
 #![allow(missing_docs)]
+mod api;
 pub mod config;
 pub mod dtype;
 mod error;
@@ -8,4 +9,8 @@ pub mod node;
 pub mod proto;
 pub mod sched;
 pub mod sum;
+pub use api::{init, run_server, Bps, Element, Handle, Pending, PushPullOpts};
+pub use config::{Config, Role};
+pub use dtype::DType;
 pub use error::{Error, Result};
+pub use sched::{run_scheduler, Scheduler};

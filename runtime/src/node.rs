@@ -217,6 +217,8 @@ pub struct Stats {
     pub registrations: std::sync::atomic::AtomicU64,
     /// Rounds summed by this server.
     pub rounds: std::sync::atomic::AtomicU64,
+    /// Link kind of each connected peer (by transport id).
+    pub links: Mutex<HashMap<u32, bps_transport::LinkKind>>,
 }
 
 fn label(book: &[BookEntry], peer: PeerId) -> String {
@@ -801,6 +803,11 @@ impl Node {
         match ev {
             Event::Connected { peer, kind } => {
                 tracing::debug!("connected to {} over {kind}", label(&self.book, peer));
+                self.stats
+                    .links
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(peer.0, kind);
             }
             Event::Message { peer, data, .. } => match Msg::decode(&data) {
                 Ok(m) => self.on_peer_msg(peer, m),

@@ -2,19 +2,24 @@
 //!
 //! All functions work on raw byte buffers (as they arrive from the network) tagged
 //! with a [`DType`]. Buffers need not be aligned for their element type: aligned
-//! buffers take a typed fast path, unaligned ones a byte-wise path that decodes
-//! elements with `from_ne_bytes` (both auto-vectorise).
+//! buffers are viewed in place as typed slices (`bytemuck`), unaligned blocks are
+//! first copied into aligned stack scratch. The code is safe Rust whose inner loops
+//! auto-vectorise.
 //!
 //! Semantics:
 //! * integers wrap on overflow;
 //! * f32 / f64 accumulate in their own type, in input order
-//!   (`((in0 + in1) + in2) + ...`), so results are bit-identical to [`reference_sum`];
+//!   (`((in0 + in1) + in2) + ...`);
 //! * f16 / bf16 are widened to f32, all inputs are accumulated in f32 (in input
-//!   order) and the result is rounded to the target type once per element.
+//!   order) and the result is rounded to the target type once per element
+//!   (round to nearest, ties to even).
+//!
+//! Results are bit-identical to [`reference_sum`], except that the payload of a NaN
+//! result is unspecified (it is a NaN either way).
 //!
 //! [`sum_into`] makes one pass over memory: it walks the buffers in blocks of a few
 //! KiB, and for each block computes `out = in0 + in1 + ...` while the output block
-//! (or, for f16/bf16, an f32 accumulator block on the stack) stays in L1.
+//! (or, for f16/bf16, an f32 running-sum block on the stack) stays in L1.
 
 use std::fmt;
 
@@ -106,7 +111,7 @@ fn check_same(dtype: DType, expected: usize, input: usize, len: usize) -> Result
 ///
 /// Integers wrap on overflow; f32/f64 add in input order; f16/bf16 accumulate
 /// all inputs in f32 and round once. The result is bit-identical to
-/// [`reference_sum`].
+/// [`reference_sum`] (up to NaN payloads).
 pub fn sum_into(dtype: DType, out: &mut [u8], inputs: &[&[u8]]) -> Result<(), SumError> {
     check_multiple(dtype, out.len())?;
     for (i, inp) in inputs.iter().enumerate() {
@@ -292,15 +297,15 @@ fn reference_elems<const N: usize, A: Copy>(
 // Kernels.
 //
 // Buffers are walked in blocks of `BLOCK_BYTES` input bytes. Within a block the
-// inputs are consumed in groups of up to `GROUP` (the first group) or `GROUP - 1`
-// (later groups, which also read the running sum); each group is one loop that
-// reads its input blocks once and writes the partial sum once. So memory sees
-// exactly one pass over every buffer, and L1 a few passes over one small block.
-// Additions always happen in input order.
+// inputs are consumed in groups of up to `GROUP`; each group is one loop that reads
+// its input blocks once, adds them to the running sum (started by the first group,
+// held in the output block or an f32 stack block, both in L1) and writes it once.
+// So memory sees exactly one pass over every buffer, and L1 a pass over one small
+// block per group. Additions always happen in input order.
 
 /// Bytes of each input consumed per block (for f16/bf16 that is 2048 elements, whose
 /// f32 running sum takes 8 KiB of stack when there are more than `GROUP` inputs).
-const BLOCK_BYTES: usize = 16384;
+const BLOCK_BYTES: usize = 4096;
 
 /// Most input streams one kernel loop reads.
 const GROUP: usize = 4;
@@ -353,17 +358,10 @@ fn views<'a, T: bytemuck::Pod>(
     v
 }
 
-/// Splits `n` inputs into groups `(start, end)`: the first of up to `GROUP` inputs
-/// when `init` (it starts the sum), all others of up to `GROUP - 1` (they also read
-/// the running sum).
-fn groups(n: usize, init: bool) -> impl Iterator<Item = (usize, usize)> {
-    let first = if init { n.min(GROUP) } else { 0 };
-    let head = (first > 0).then_some((0, first));
-    head.into_iter().chain(
-        (first..n)
-            .step_by(GROUP - 1)
-            .map(move |s| (s, (s + GROUP - 1).min(n))),
-    )
+/// Splits `n` inputs into consecutive groups `(start, end)` of up to `GROUP`.
+/// (Later groups also read the running sum, but that block is already in L1.)
+fn groups(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n).step_by(GROUP).map(move |s| (s, (s + GROUP).min(n)))
 }
 
 // ---------------------------------------------------------------------------
@@ -417,6 +415,7 @@ fn group_native<T: Native>(o: &mut [T], v: [&[T]; GROUP], n: usize, init: bool) 
         (false, 1) => fold_native::<T, 1, false>(o, [a]),
         (false, 2) => fold_native::<T, 2, false>(o, [a, b]),
         (false, 3) => fold_native::<T, 3, false>(o, [a, b, c]),
+        (false, 4) => fold_native::<T, 4, false>(o, [a, b, c, d]),
         _ => unreachable!("native group of {n} inputs (init: {init})"),
     }
 }
@@ -458,7 +457,7 @@ fn sum_native_blocks<T: Native>(
             }
             bytemuck::cast_slice_mut(s)
         };
-        for (s, e) in groups(inputs.len(), init) {
+        for (s, e) in groups(inputs.len()) {
             let v = views::<T>(&inputs[s..e], r.clone(), in_scratch);
             group_native(o, v, e - s, init && s == 0);
         }
@@ -529,18 +528,18 @@ fn bf16_to_f32(h: u16) -> f32 {
     f32::from_bits(u32::from(h) << 16)
 }
 
-/// f32 → bf16, round to nearest, ties to even; NaNs are truncated and quieted.
-/// Bit-identical to `half::bf16::from_f32`.
+/// f32 → bf16, round to nearest, ties to even. NaNs are truncated (never rounded
+/// into an infinity or a zero); every NaN that reaches this function is the result
+/// of f32 arithmetic and hence already quiet, which truncation preserves. For all
+/// other inputs this is bit-identical to `half::bf16::from_f32`.
 #[inline(always)]
 fn f32_to_bf16(x: f32) -> u16 {
     let b = x.to_bits();
-    let b = if b & 0x7fff_ffff > 0x7f80_0000 {
-        b | 0x0040_0000
-    } else {
-        // Cannot overflow: the largest non-NaN pattern is 0xff80_0000.
-        b + 0x7fff + ((b >> 16) & 1)
-    };
-    (b >> 16) as u16
+    // All ones for NaN (one `cmpunordps`), so that the rounding bias is dropped.
+    let nan_mask = if x.is_nan() { u32::MAX } else { 0 };
+    // Cannot overflow for non-NaNs: the largest such pattern is 0xff80_0000.
+    let bias = (0x7fff + ((b >> 16) & 1)) & !nan_mask;
+    (b.wrapping_add(bias) >> 16) as u16
 }
 
 /// One group of a bf16 sum over one block (see [`Half16::group`]), as one loop.
@@ -589,10 +588,11 @@ impl Half16 for bf16 {
             (true, true, 3) => fold_bf16::<3, true, true>(acc, out, [a, b, c]),
             (true, true, 4) => fold_bf16::<4, true, true>(acc, out, [a, b, c, d]),
             (true, false, 4) => fold_bf16::<4, true, false>(acc, out, [a, b, c, d]),
-            (false, false, 3) => fold_bf16::<3, false, false>(acc, out, [a, b, c]),
+            (false, false, 4) => fold_bf16::<4, false, false>(acc, out, [a, b, c, d]),
             (false, true, 1) => fold_bf16::<1, false, true>(acc, out, [a]),
             (false, true, 2) => fold_bf16::<2, false, true>(acc, out, [a, b]),
             (false, true, 3) => fold_bf16::<3, false, true>(acc, out, [a, b, c]),
+            (false, true, 4) => fold_bf16::<4, false, true>(acc, out, [a, b, c, d]),
             _ => unreachable!("bf16 group of {n} inputs (init: {init}, last: {last})"),
         }
     }
@@ -698,7 +698,7 @@ fn sum_half_blocks<H: Half16>(
                 .expect("scratch for an unaligned block");
             bytemuck::cast_slice_mut(&mut bytemuck::cast_slice_mut::<u64, u8>(s)[..ob.len()])
         };
-        for (s, e) in groups(n, true) {
+        for (s, e) in groups(n) {
             let v = views::<H>(&inputs[s..e], r.clone(), in_scratch);
             H::group(acc, tmp, o, v, e - s, s == 0, e == n);
         }
@@ -1136,6 +1136,65 @@ mod tests {
     }
 
     #[test]
+    fn bf16_conversions_match_half() {
+        // Widening: exact for every pattern (NaNs stay NaN; half also quiets them).
+        for h in 0..=u16::MAX {
+            let ours = bf16_to_f32(h);
+            let theirs = bf16::from_bits(h).to_f32();
+            if theirs.is_nan() {
+                assert!(ours.is_nan(), "{h:#06x}");
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{h:#06x}");
+            }
+        }
+        // Narrowing: every bf16 value with the low half at the rounding boundaries,
+        // plus a stride through all patterns. Signalling NaNs never reach the
+        // kernels (f32 arithmetic quiets them), so only quiet NaNs are compared.
+        let check = |b: u32| {
+            let x = f32::from_bits(b);
+            if x.is_nan() && b & 0x0040_0000 == 0 {
+                return;
+            }
+            assert_eq!(f32_to_bf16(x), bf16::from_f32(x).to_bits(), "{b:#010x}");
+        };
+        for hi in 0..=u32::from(u16::MAX) {
+            for lo in [0, 1, 0x7fff, 0x8000, 0x8001, 0xffff] {
+                check(hi << 16 | lo);
+            }
+        }
+        for b in (0..=u32::MAX).step_by(9973) {
+            check(b);
+        }
+        // NaNs are never rounded into infinities or zeros.
+        for b in [0x7fff_ffffu32, 0xffff_ffff, 0x7fc0_8000, 0x7fff_8000] {
+            let h = f32_to_bf16(f32::from_bits(b));
+            assert!(bf16::from_bits(h).is_nan(), "{b:#010x} -> {h:#06x}");
+        }
+    }
+
+    #[test]
+    fn nan_propagates() {
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            let one = reference_sum(dtype, &[&random_bytes(dtype, 1, &mut Rng(3))]);
+            let nan = match dtype {
+                DType::F32 => f32::NAN.to_ne_bytes().to_vec(),
+                DType::F64 => f64::NAN.to_ne_bytes().to_vec(),
+                DType::F16 => f16::NAN.to_bits().to_ne_bytes().to_vec(),
+                _ => bf16::NAN.to_bits().to_ne_bytes().to_vec(),
+            };
+            let mut out = vec![0u8; dtype.size()];
+            sum_into(dtype, &mut out, &[&one, &nan, &one]).unwrap();
+            let is_nan = match dtype {
+                DType::F32 => f32::from_ne_bytes(out[..].try_into().unwrap()).is_nan(),
+                DType::F64 => f64::from_ne_bytes(out[..].try_into().unwrap()).is_nan(),
+                DType::F16 => f16::from_bits(u16::from_ne_bytes([out[0], out[1]])).is_nan(),
+                _ => bf16::from_bits(u16::from_ne_bytes([out[0], out[1]])).is_nan(),
+            };
+            assert!(is_nan, "{dtype}");
+        }
+    }
+
+    #[test]
     #[should_panic(expected = "input 1 has 4 bytes")]
     fn reference_rejects_mismatch() {
         reference_sum(DType::F32, &[&[0u8; 8], &[0u8; 4]]);
@@ -1145,9 +1204,10 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_throughput() {
+        use std::hint::black_box;
         use std::time::Instant;
         const LEN: usize = 64 << 20;
-        let reps = 5;
+        let reps = 8;
         let gbs = |bytes: usize, secs: f64| bytes as f64 / secs / 1e9;
         let mut rng = Rng(1);
         let mut out = vec![0u8; LEN];
@@ -1172,19 +1232,25 @@ mod tests {
             best
         };
         let src = mk(DType::U8, &mut rng);
-        let t = time(&mut || out.copy_from_slice(std::hint::black_box(&src)));
+        let t = time(&mut || out.copy_from_slice(black_box(&src)));
         println!("memcpy          : {:6.2} GB/s", gbs(2 * LEN, t));
         for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64, DType::I32] {
             for w in [2usize, 4, 8] {
                 let data: Vec<Vec<u8>> = (0..w).map(|_| mk(dtype, &mut rng)).collect();
                 let ins: Vec<&[u8]> = data.iter().map(|v| v.as_slice()).collect();
-                let t =
-                    time(&mut || sum_into(dtype, &mut out, std::hint::black_box(&ins)).unwrap());
+                let t = time(&mut || sum_into(dtype, &mut out, black_box(&ins)).unwrap());
                 println!(
                     "sum {dtype:>4} W={w}    : {:6.2} GB/s",
                     gbs((w + 1) * LEN, t)
                 );
             }
+        }
+        for dtype in [DType::F32, DType::BF16] {
+            // Unaligned: every buffer starts one byte into its allocation.
+            let data: Vec<Vec<u8>> = (0..2).map(|_| mk(dtype, &mut rng)).collect();
+            let ins: Vec<&[u8]> = data.iter().map(|v| &v[1..LEN - 7]).collect();
+            let t = time(&mut || sum_into(dtype, &mut out[1..LEN - 7], black_box(&ins)).unwrap());
+            println!("sum {dtype:>4} W=2 +1B: {:6.2} GB/s", gbs(3 * (LEN - 8), t));
         }
         let data = mk(DType::F32, &mut rng);
         let t = time(&mut || add_assign(DType::F32, &mut out, &data).unwrap());

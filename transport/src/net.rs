@@ -204,6 +204,10 @@ struct Stream {
     dead: bool,
 }
 
+// SAFETY: the raw pointer in `Rx::Write` points into a registered region (see RegionEntry);
+// everything else in a Stream is Send.
+unsafe impl Send for Stream {}
+
 impl Stream {
     fn new(io: Io, peer: Option<PeerId>, lane: u32, kind: LinkKind) -> Self {
         Stream {
@@ -361,6 +365,12 @@ impl Net {
         }
     }
 
+    /// Set this process's id (known only after the rendezvous, which needs the address first).
+    /// Call before adding peers.
+    pub fn set_local_peer(&mut self, me: PeerId) {
+        self.cfg.me = me;
+    }
+
     /// Number of TCP lanes per peer.
     pub fn lanes(&self) -> u32 {
         self.cfg.lanes
@@ -494,6 +504,9 @@ impl Net {
                 p.up[0] = true;
                 self.check_connected(peer);
                 self.flush(slot);
+                // Read once: an empty ring arms "reader waiting", so the peer rings the doorbell
+                // when it writes. Without it the first frames would wait for an unrelated wake-up.
+                self.read(slot);
                 Ok(())
             }
             LinkKind::Loopback | LinkKind::Rdma => Ok(()),

@@ -1,0 +1,680 @@
+//! The public Rust API: [`Bps`], started by [`init`] (from the environment) or
+//! [`Bps::init_with`] (from an explicit [`Config`]).
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bps_transport::cq::{CompletionQueue, Status};
+use bps_transport::{LinkKind, Net, NetConfig, PeerAddr, PeerId, Transport, Waker};
+use crossbeam_channel::Sender;
+
+use crate::config::{Config, Role};
+use crate::dtype::DType;
+use crate::mem::RawSlice;
+use crate::node::{Command, Node, OpKind, OpRequest, Stats};
+use crate::proto::{BookEntry, Msg, Register};
+use crate::sched::{self, read_msg, write_msg, Scheduler};
+use crate::{Error, Result};
+
+/// The handle of an asynchronous operation: poll it, wait on it, or drain it from the
+/// completion queue.
+pub type Handle = bps_transport::cq::Handle<Error>;
+
+/// Options of a push_pull.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushPullOpts {
+    /// Divide the sum by the number of workers.
+    pub average: bool,
+    /// Higher leaves first (BytePS: layers nearest the input get the highest priority).
+    pub priority: i32,
+}
+
+/// Element types the safe API accepts.
+pub trait Element: bytemuck::Pod + Send + 'static {
+    /// Its dtype.
+    const DTYPE: DType;
+}
+impl Element for f32 {
+    const DTYPE: DType = DType::F32;
+}
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+}
+impl Element for half::f16 {
+    const DTYPE: DType = DType::F16;
+}
+impl Element for half::bf16 {
+    const DTYPE: DType = DType::BF16;
+}
+impl Element for i32 {
+    const DTYPE: DType = DType::I32;
+}
+impl Element for i64 {
+    const DTYPE: DType = DType::I64;
+}
+impl Element for u8 {
+    const DTYPE: DType = DType::U8;
+}
+
+#[derive(Default)]
+struct Names {
+    by_name: HashMap<String, u32>,
+    list: Vec<String>,
+}
+
+struct Inner {
+    cfg: Config,
+    role: Role,
+    rank: u32,
+    num_workers: u32,
+    num_servers: u32,
+    cmds: Sender<Command>,
+    waker: Waker,
+    cq: CompletionQueue<Error>,
+    names: Mutex<Names>,
+    next_op: AtomicU64,
+    down: AtomicBool,
+    node: Mutex<Option<JoinHandle<()>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+    sched_stream: TcpStream,
+    scheduler: Mutex<Option<Scheduler>>,
+    stats: Arc<Stats>,
+    book: Vec<BookEntry>,
+}
+
+/// A running bps instance (worker side). Cheap to clone; every clone is the same instance.
+#[derive(Clone)]
+pub struct Bps {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Bps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bps")
+            .field("rank", &self.inner.rank)
+            .field("size", &self.inner.num_workers)
+            .finish()
+    }
+}
+
+/// Start bps from the environment (BytePS, torchrun or bps variables).
+///
+/// # Errors
+/// A bad variable ([`Error::Config`]), a failed rendezvous, a port in use.
+pub fn init() -> Result<Bps> {
+    Bps::init_with(Config::from_env()?)
+}
+
+/// Run a server process until the job ends (`DMLC_ROLE=server`).
+///
+/// # Errors
+/// As [`init`], or the job failed (a peer died).
+pub fn run_server(mut cfg: Config) -> Result<()> {
+    cfg.role = Role::Server;
+    let inner = start(cfg)?;
+    let h = inner.node.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(h) = h {
+        let _ = h.join();
+    }
+    let _ = inner.sched_stream.shutdown(std::net::Shutdown::Both);
+    Ok(())
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn start(cfg: Config) -> Result<Inner> {
+    let deadline = Instant::now() + cfg.timeout;
+    let scheduler = if cfg.embed_scheduler && cfg.role == Role::Worker {
+        Some(Scheduler::start(&cfg)?)
+    } else {
+        None
+    };
+    let mut stream = sched::connect(cfg.scheduler, deadline)?;
+    let rv = |reason: String| Error::Rendezvous {
+        addr: cfg.scheduler.to_string(),
+        reason,
+    };
+    // Advertise the address that reaches the scheduler unless told otherwise.
+    let ip = match cfg.host {
+        Some(ip) => ip,
+        None => stream
+            .local_addr()
+            .map_err(|e| rv(format!("local address: {e}")))?
+            .ip(),
+    };
+    let mut ncfg = NetConfig::new(PeerId(u32::MAX), SocketAddr::new(ip, cfg.port));
+    ncfg.force = cfg.transport;
+    ncfg.lanes = cfg.tcp_lanes;
+    ncfg.ring_bytes = cfg.ring_bytes;
+    ncfg.max_msg = cfg.max_msg;
+    ncfg.connect_timeout = cfg.timeout;
+    if cfg.transport == Some(LinkKind::Rdma) {
+        return Err(Error::Config {
+            var: "BPS_TRANSPORT".into(),
+            value: "rdma".into(),
+            allowed: "auto | tcp | shm (this build has no RDMA backend)".into(),
+        });
+    }
+    if cfg.transport == Some(LinkKind::Tcp) {
+        ncfg.unix_dir = None;
+    }
+    // The id is only known after the rendezvous; Net is bound first (its address goes in the
+    // registration) and told its id below.
+    let mut net = Net::bind(ncfg.clone())?;
+    let addr = net.local_addr();
+    let reg = Register {
+        role: cfg.role,
+        rank: if cfg.role == Role::Worker { cfg.rank } else { None },
+        local_rank: cfg.local_rank,
+        local_size: cfg.local_size,
+        num_workers: cfg.num_workers,
+        num_servers: cfg.num_servers,
+        partition_bytes: cfg.partition_bytes as u64,
+        lanes: cfg.tcp_lanes,
+        tcp: addr.tcp.to_string(),
+        unix: addr
+            .unix
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        host: addr.host.clone(),
+        hostname: hostname(),
+        pid: std::process::id(),
+    };
+    write_msg(&mut stream, &Msg::Register(reg)).map_err(|e| rv(format!("register: {e}")))?;
+    let wait = cfg.timeout + Duration::from_secs(5);
+    stream
+        .set_read_timeout(Some(wait))
+        .map_err(|e| rv(e.to_string()))?;
+    let welcome = match read_msg(&mut stream) {
+        Ok(m) => m,
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(rv(format!(
+                "no address book within {wait:?}: not every worker/server registered (BPS_TIMEOUT)"
+            )))
+        }
+        Err(e) => return Err(rv(format!("waiting for the address book: {e}"))),
+    };
+    stream.set_read_timeout(None).map_err(|e| rv(e.to_string()))?;
+    let (rank, me, num_workers, num_servers, book) = match welcome {
+        Msg::Welcome {
+            rank,
+            peer,
+            num_workers,
+            num_servers,
+            book,
+        } => (rank, peer, num_workers, num_servers, book),
+        Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
+        other => return Err(rv(format!("unexpected answer {other:?}"))),
+    };
+    // Re-bind with our id: Net's id is part of every Hello, so the listener made above is kept
+    // by rebuilding the config and swapping the id in place.
+    net.set_local_peer(PeerId(me));
+    let is_worker = cfg.role == Role::Worker;
+    let wanted = |b: &BookEntry| -> bool {
+        if is_worker {
+            if num_servers == 0 {
+                b.role == Role::Worker
+            } else {
+                b.role == Role::Server
+            }
+        } else {
+            b.role == Role::Worker
+        }
+    };
+    // Colocated servers also hear from every worker.
+    for b in &book {
+        if wanted(b) || (is_worker && num_servers == 0) {
+            let tcp: SocketAddr = b
+                .tcp
+                .parse()
+                .map_err(|_| rv(format!("bad address {:?} in the address book", b.tcp)))?;
+            let unix = (!b.unix.is_empty()).then(|| b.unix.clone().into());
+            net.add_peer(
+                PeerId(b.peer),
+                PeerAddr {
+                    tcp,
+                    unix,
+                    host: b.host.clone(),
+                },
+            )?;
+        }
+    }
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let waker = net.waker();
+    let stats = Arc::new(Stats::default());
+    let sched_w = Arc::new(Mutex::new(
+        stream.try_clone().map_err(|e| rv(e.to_string()))?,
+    ));
+    let mut reader_stream = stream.try_clone().map_err(|e| rv(e.to_string()))?;
+    let reader_tx = tx.clone();
+    let reader_waker = waker.clone();
+    let reader = std::thread::Builder::new()
+        .name("bps-sched-reader".into())
+        .spawn(move || loop {
+            match read_msg(&mut reader_stream) {
+                Ok(m) => {
+                    let end = matches!(m, Msg::Terminate);
+                    if reader_tx.send(Command::Sched(m)).is_err() {
+                        return;
+                    }
+                    reader_waker.wake();
+                    if end {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = reader_tx.send(Command::SchedLost(e.to_string()));
+                    reader_waker.wake();
+                    return;
+                }
+            }
+        })
+        .map_err(|e| rv(format!("spawn: {e}")))?;
+    let node = Node::new(
+        cfg.clone(),
+        net,
+        PeerId(me),
+        rank,
+        num_workers,
+        num_servers,
+        book.clone(),
+        rx,
+        sched_w,
+        waker.clone(),
+        stats.clone(),
+    );
+    let node = std::thread::Builder::new()
+        .name(format!("bps-{}-{rank}", cfg.role))
+        .spawn(move || node.run())
+        .map_err(|e| rv(format!("spawn: {e}")))?;
+    tracing::info!(
+        "bps {} {rank} of {num_workers} workers / {num_servers} servers up at {}",
+        cfg.role,
+        addr.tcp
+    );
+    Ok(Inner {
+        role: cfg.role,
+        cfg,
+        rank,
+        num_workers,
+        num_servers,
+        cmds: tx,
+        waker,
+        cq: CompletionQueue::new(false),
+        names: Mutex::new(Names::default()),
+        next_op: AtomicU64::new(1),
+        down: AtomicBool::new(false),
+        node: Mutex::new(Some(node)),
+        reader: Mutex::new(Some(reader)),
+        sched_stream: stream,
+        scheduler: Mutex::new(scheduler),
+        stats,
+        book,
+    })
+}
+
+/// A push_pull or broadcast of an owned vector; the vector comes back from [`Pending::wait`].
+/// Dropping it waits for the operation (the runtime may still be writing into the vector).
+pub struct Pending<T: Element> {
+    handle: Handle,
+    data: Option<Vec<T>>,
+}
+
+impl<T: Element> Pending<T> {
+    /// The underlying handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+    /// Wait and get the result back.
+    ///
+    /// # Errors
+    /// The operation's error; the vector is dropped then.
+    pub fn wait(mut self) -> Result<Vec<T>> {
+        self.handle.wait().map_err(|e| e.clone())?;
+        Ok(self.data.take().expect("data present until taken"))
+    }
+}
+
+impl<T: Element> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if self.data.is_some() {
+            let _ = self.handle.wait();
+        }
+    }
+}
+
+impl Bps {
+    /// Start bps with an explicit configuration.
+    ///
+    /// # Errors
+    /// As [`init`].
+    pub fn init_with(mut cfg: Config) -> Result<Bps> {
+        if cfg.role == Role::Scheduler {
+            return Err(Error::InvalidArgument(
+                "DMLC_ROLE=scheduler runs bps::run_scheduler (or bps-launch), not init()".into(),
+            ));
+        }
+        if cfg.role == Role::Server {
+            return Err(Error::InvalidArgument(
+                "DMLC_ROLE=server runs bps::run_server (or bps-launch), not init()".into(),
+            ));
+        }
+        cfg.role = Role::Worker;
+        Ok(Bps {
+            inner: Arc::new(start(cfg)?),
+        })
+    }
+
+    /// This worker's rank.
+    pub fn rank(&self) -> u32 {
+        self.inner.rank
+    }
+    /// Number of workers.
+    pub fn size(&self) -> u32 {
+        self.inner.num_workers
+    }
+    /// Rank among the workers of this host.
+    pub fn local_rank(&self) -> u32 {
+        self.inner.cfg.local_rank
+    }
+    /// Workers on this host.
+    pub fn local_size(&self) -> u32 {
+        self.inner.cfg.local_size
+    }
+    /// Number of server processes (0 = colocated).
+    pub fn num_servers(&self) -> u32 {
+        self.inner.num_servers
+    }
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+    /// Counters (bytes pushed, registrations, rounds summed).
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+    /// Links by kind to the peers this worker talks to, once connected.
+    pub fn links(&self) -> Vec<(String, Option<LinkKind>)> {
+        let links = self.inner.stats.links.lock().unwrap_or_else(|p| p.into_inner());
+        self.inner
+            .book
+            .iter()
+            .map(|b| {
+                (
+                    format!("{} {}", b.role, b.rank),
+                    links.get(&b.peer).copied(),
+                )
+            })
+            .collect()
+    }
+
+    /// Declare a tensor by name; returns its id (declaration order). Declaring again returns
+    /// the same id. Every worker must declare the same tensors in the same order.
+    ///
+    /// # Errors
+    /// An empty or over-long name.
+    pub fn declare(&self, name: &str) -> Result<u32> {
+        if name.is_empty() || name.len() > crate::proto::MAX_STR {
+            return Err(Error::InvalidArgument(format!(
+                "tensor name must be 1..={} bytes, got {} bytes",
+                crate::proto::MAX_STR,
+                name.len()
+            )));
+        }
+        let mut n = self.inner.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = n.by_name.get(name) {
+            return Ok(*id);
+        }
+        let id = n.list.len() as u32;
+        n.list.push(name.to_string());
+        n.by_name.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    fn submit(
+        &self,
+        name: &str,
+        dtype: DType,
+        bytes: usize,
+        input: RawSlice,
+        output: RawSlice,
+        kind: OpKind,
+        priority: i32,
+    ) -> Result<Handle> {
+        if self.inner.down.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        if bytes % dtype.size() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: {bytes} bytes is not a whole number of {dtype} elements"
+            )));
+        }
+        if bytes > 0 && (input.addr == 0 || output.addr == 0) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: null data pointer"
+            )));
+        }
+        let tensor = self.declare(name)?;
+        let id = self.inner.next_op.fetch_add(1, Ordering::Relaxed);
+        let (handle, completer) = self.inner.cq.register(id);
+        let req = OpRequest {
+            tensor,
+            name: name.to_string(),
+            dtype,
+            bytes,
+            input,
+            output,
+            kind,
+            priority,
+            completer,
+        };
+        if let Err(e) = self.inner.cmds.send(Command::Op(req)) {
+            // The event loop is gone: the completer inside fails the handle when dropped.
+            drop(e);
+            return Err(Error::ShutDown);
+        }
+        self.inner.waker.wake();
+        Ok(handle)
+    }
+
+    /// Sum `bytes` bytes of `dtype` at `input` across all workers into `output` (which may be
+    /// `input`: in place). Returns at once; the handle completes when the result is in place.
+    ///
+    /// # Safety
+    /// `input` and `output` must be valid for `bytes` bytes until the handle completes; the
+    /// caller must not write `input` nor read or write `output` before then (they may be
+    /// equal).
+    ///
+    /// # Errors
+    /// Bad arguments, or the runtime was shut down. Failures of the operation itself (a dead
+    /// peer, a mismatched tensor, a timeout) are reported through the handle.
+    pub unsafe fn push_pull_raw(
+        &self,
+        name: &str,
+        dtype: DType,
+        input: *const u8,
+        output: *mut u8,
+        bytes: usize,
+        opts: PushPullOpts,
+    ) -> Result<Handle> {
+        let input = RawSlice {
+            addr: input as usize,
+            len: bytes,
+        };
+        let output = RawSlice {
+            addr: output as usize,
+            len: bytes,
+        };
+        self.submit(
+            name,
+            dtype,
+            bytes,
+            input,
+            output,
+            OpKind::Sum {
+                average: opts.average,
+            },
+            opts.priority,
+        )
+    }
+
+    /// Give every worker the `root` worker's `bytes` at `buf` (in place).
+    ///
+    /// # Safety
+    /// As [`Bps::push_pull_raw`] with input = output = `buf`.
+    ///
+    /// # Errors
+    /// Bad arguments (root out of range), or the runtime was shut down.
+    pub unsafe fn broadcast_raw(
+        &self,
+        name: &str,
+        dtype: DType,
+        buf: *mut u8,
+        bytes: usize,
+        root: u32,
+        priority: i32,
+    ) -> Result<Handle> {
+        if root >= self.size() {
+            return Err(Error::InvalidArgument(format!(
+                "broadcast of {name:?}: root rank {root} is not below the {} workers",
+                self.size()
+            )));
+        }
+        let r = RawSlice {
+            addr: buf as usize,
+            len: bytes,
+        };
+        self.submit(name, dtype, bytes, r, r, OpKind::Broadcast { root }, priority)
+    }
+
+    /// Sum a vector across workers (in place); the vector comes back from [`Pending::wait`].
+    ///
+    /// # Errors
+    /// As [`Bps::push_pull_raw`].
+    pub fn push_pull<T: Element>(
+        &self,
+        name: &str,
+        mut data: Vec<T>,
+        opts: PushPullOpts,
+    ) -> Result<Pending<T>> {
+        let bytes = std::mem::size_of_val(data.as_slice());
+        let p = data.as_mut_ptr() as *mut u8;
+        // SAFETY: the vector's heap buffer is owned by the returned Pending, which does not
+        // touch it and whose Drop waits for the operation before the buffer can be freed.
+        let handle = unsafe { self.push_pull_raw(name, T::DTYPE, p, p, bytes, opts)? };
+        Ok(Pending {
+            handle,
+            data: Some(data),
+        })
+    }
+
+    /// Broadcast a vector from `root` (in place).
+    ///
+    /// # Errors
+    /// As [`Bps::broadcast_raw`].
+    pub fn broadcast<T: Element>(
+        &self,
+        name: &str,
+        mut data: Vec<T>,
+        root: u32,
+    ) -> Result<Pending<T>> {
+        let bytes = std::mem::size_of_val(data.as_slice());
+        let p = data.as_mut_ptr() as *mut u8;
+        // SAFETY: as in push_pull.
+        let handle = unsafe { self.broadcast_raw(name, T::DTYPE, p, bytes, root, 0)? };
+        Ok(Pending {
+            handle,
+            data: Some(data),
+        })
+    }
+
+    /// Whether an operation finished (no lock).
+    pub fn poll(&self, h: &Handle) -> bool {
+        h.status() != Status::Pending
+    }
+
+    /// Wait for an operation.
+    ///
+    /// # Errors
+    /// The operation's error.
+    pub fn wait(&self, h: &Handle) -> Result<()> {
+        h.wait().map_err(|e| e.clone())
+    }
+
+    /// Wait at most `timeout`; `None` if still pending.
+    pub fn wait_timeout(&self, h: &Handle, timeout: Duration) -> Option<Result<()>> {
+        h.wait_timeout(timeout).map(|r| r.map_err(|e| e.clone()))
+    }
+
+    /// Block until every worker reached the barrier.
+    ///
+    /// # Errors
+    /// A dead peer or a lost scheduler.
+    pub fn barrier(&self) -> Result<()> {
+        if self.inner.down.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let id = self.inner.next_op.fetch_add(1, Ordering::Relaxed);
+        let (h, c) = self.inner.cq.register(id);
+        self.inner
+            .cmds
+            .send(Command::Barrier(id, c))
+            .map_err(|_| Error::ShutDown)?;
+        self.inner.waker.wake();
+        h.wait().map_err(|e| e.clone())
+    }
+
+    /// Leave the job: waits until every worker left (so colocated servers finish serving),
+    /// fails whatever is still pending, and stops the threads. Later calls fail with
+    /// [`Error::ShutDown`]. Idempotent.
+    ///
+    /// # Errors
+    /// None today; reserved.
+    pub fn shutdown(&self) -> Result<()> {
+        if self.inner.down.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if self.inner.cmds.send(Command::Shutdown(tx)).is_ok() {
+            self.inner.waker.wake();
+            let _ = rx.recv_timeout(self.inner.cfg.timeout + Duration::from_secs(5));
+        }
+        if let Some(h) = self.inner.node.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        let _ = self.inner.sched_stream.shutdown(std::net::Shutdown::Both);
+        if let Some(h) = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+        if let Some(s) = self
+            .inner
+            .scheduler
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            s.wait(Some(Duration::from_secs(2)));
+        }
+        let _ = self.inner.role;
+        Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.down.swap(true, Ordering::AcqRel) {
+            let (tx, _rx) = crossbeam_channel::bounded(1);
+            let _ = self.cmds.send(Command::Shutdown(tx));
+            self.waker.wake();
+        }
+    }
+}
