@@ -577,6 +577,48 @@ impl Bps {
         })
     }
 
+    /// Sum a byte buffer holding elements of `dtype` (in place); for callers that keep tensors
+    /// as bytes. The buffer comes back from [`Pending::wait`].
+    ///
+    /// # Errors
+    /// As [`Bps::push_pull_raw`].
+    pub fn push_pull_bytes(
+        &self,
+        name: &str,
+        dtype: DType,
+        mut data: Vec<u8>,
+        opts: PushPullOpts,
+    ) -> Result<Pending<u8>> {
+        let p = data.as_mut_ptr();
+        // SAFETY: as in push_pull.
+        let handle = unsafe { self.push_pull_raw(name, dtype, p, p, data.len(), opts)? };
+        Ok(Pending {
+            handle,
+            data: Some(data),
+        })
+    }
+
+    /// Broadcast a byte buffer holding elements of `dtype` from `root` (in place).
+    ///
+    /// # Errors
+    /// As [`Bps::broadcast_raw`].
+    pub fn broadcast_bytes(
+        &self,
+        name: &str,
+        dtype: DType,
+        mut data: Vec<u8>,
+        root: u32,
+        priority: i32,
+    ) -> Result<Pending<u8>> {
+        let p = data.as_mut_ptr();
+        // SAFETY: as in push_pull.
+        let handle = unsafe { self.broadcast_raw(name, dtype, p, data.len(), root, priority)? };
+        Ok(Pending {
+            handle,
+            data: Some(data),
+        })
+    }
+
     /// Broadcast a vector from `root` (in place).
     ///
     /// # Errors

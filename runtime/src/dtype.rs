@@ -130,13 +130,13 @@ impl std::error::Error for ParseDTypeError {}
 impl FromStr for DType {
     type Err = ParseDTypeError;
 
-    /// Parses a data type name. Matching is exact (case-sensitive) after trimming
-    /// surrounding whitespace; see [`ParseDTypeError`] for the accepted names.
+    /// Parses a data type name, ignoring ASCII case and surrounding whitespace;
+    /// see [`ParseDTypeError`] for the accepted names.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let t = s.trim();
         ACCEPTED
             .iter()
-            .find(|(_, names)| names.contains(&t))
+            .find(|(_, names)| names.iter().any(|n| n.eq_ignore_ascii_case(t)))
             .map(|(d, _)| *d)
             .ok_or_else(|| ParseDTypeError(s.to_owned()))
     }
@@ -206,7 +206,10 @@ mod tests {
                 assert!(msg.contains(n), "{msg} lacks {n}");
             }
         }
-        assert!("F32".parse::<DType>().is_err());
+        assert_eq!("F32".parse::<DType>(), Ok(DType::F32));
+        assert_eq!("BFloat16".parse::<DType>(), Ok(DType::BF16));
         assert!("".parse::<DType>().is_err());
+        assert!("f 32".parse::<DType>().is_err());
+        assert!("int8".parse::<DType>().is_err());
     }
 }

@@ -62,7 +62,7 @@ impl RawSlice {
 pub(crate) struct SharedMem {
     // Boxed slice of u64: the allocation never moves and is 8-aligned. After construction it is
     // only reached through raw pointers derived from this one.
-    buf: Box<[u64]>,
+    _buf: Box<[u64]>,
     len: usize,
     ptr: *mut u8,
 }
@@ -78,7 +78,11 @@ impl SharedMem {
     pub fn new(len: usize) -> SharedMem {
         let mut buf = vec![0u64; len.div_ceil(8).max(1)].into_boxed_slice();
         let ptr = buf.as_mut_ptr() as *mut u8;
-        SharedMem { buf, len, ptr }
+        SharedMem {
+            _buf: buf,
+            len,
+            ptr,
+        }
     }
     /// The whole buffer.
     pub fn raw(&self) -> RawSlice {
@@ -86,15 +90,6 @@ impl SharedMem {
             addr: self.ptr as usize,
             len: self.len,
         }
-    }
-    /// Its start, for registration.
-    pub fn ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-    /// Its length.
-    pub fn len(&self) -> usize {
-        debug_assert!(self.buf.len() * 8 >= self.len);
-        self.len
     }
 }
 

@@ -201,6 +201,9 @@ pub(crate) struct Node {
     worker: Option<Worker>,
     server: Option<Server>,
     broken: Option<Error>,
+    /// A link dropped: if the scheduler neither ends the job nor names a dead process within a
+    /// grace period, the link failure itself breaks the job.
+    suspect: Option<(Instant, Error)>,
     shutdown: Option<(Sender<()>, Instant)>,
     terminated: bool,
     events: Vec<Event>,
@@ -316,6 +319,7 @@ impl Node {
             worker,
             server,
             broken: None,
+            suspect: None,
             shutdown: None,
             terminated: false,
             events: Vec::new(),
@@ -845,18 +849,21 @@ impl Node {
                 }
             }
             Event::PeerLost { peer, error } => {
-                if self.terminated || self.shutdown.is_some() && self.broken.is_none() {
-                    tracing::debug!("{} left: {error}", label(&self.book, peer));
-                    if self.shutdown.is_some() {
-                        return;
-                    }
-                }
                 let who = label(&self.book, peer);
-                self.fail_all(Error::Peer {
+                tracing::debug!("link to {who} dropped: {error}");
+                if self.terminated || self.broken.is_some() {
+                    return;
+                }
+                // Processes leave at the end of a job before the scheduler's Terminate reaches
+                // everyone, and a dead process is announced by the scheduler: wait a moment
+                // for either before calling the link failure fatal.
+                let err = Error::Peer {
                     what: "connection".into(),
                     peer: who,
                     reason: format!("lost: {error}"),
-                });
+                };
+                let grace = self.cfg.timeout.min(Duration::from_secs(2));
+                self.suspect.get_or_insert((Instant::now() + grace, err));
             }
         }
     }
@@ -1395,6 +1402,12 @@ impl Node {
 
     fn check_deadlines(&mut self) {
         let now = Instant::now();
+        if let Some((at, _)) = &self.suspect {
+            if *at <= now && !self.terminated {
+                let (_, err) = self.suspect.take().expect("checked");
+                self.fail_all(err);
+            }
+        }
         let Some(w) = self.worker.as_ref() else {
             return;
         };

@@ -437,11 +437,10 @@ fn sum_native_blocks<T: Native>(
     init: bool,
     scratch: &mut [Scratch],
 ) {
-    let (in_scratch, out_scratch) = match scratch.split_last_mut() {
+    let (in_scratch, mut out_scratch) = match scratch.split_last_mut() {
         Some((o, i)) => (i, Some(o)),
         None => (scratch, None),
     };
-    let mut out_scratch = out_scratch;
     for (bi, ob) in out.chunks_mut(BLOCK_BYTES).enumerate() {
         let r = bi * BLOCK_BYTES..bi * BLOCK_BYTES + ob.len();
         let out_aligned = aligned::<T>(ob);
@@ -649,12 +648,13 @@ impl Half16 for f16 {
 /// An f32 block (the running sum, or widened inputs).
 type F32Block = [f32; BLOCK_BYTES / 2];
 
-/// `out = round(f32(in0) + f32(in1) + ...)` for two or more inputs.
-fn sum_half<H: Half16>(out: &mut [u8], inputs: &[&[u8]]) {
+/// Runs `f` with the f32 stack blocks the kernels of `H` need: the running sum
+/// (when `H::NEEDS_ACC` or `many` inputs span several groups) and, for f16, the
+/// widening scratch. Blocks that are not needed are empty and cost nothing.
+fn with_f32_blocks<H: Half16, R>(many: bool, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
     let mut acc_block: F32Block;
     let mut tmp_block: F32Block;
-    // Only allocate (and zero) the stack blocks the kernels will use.
-    let acc: &mut [f32] = if H::NEEDS_ACC || inputs.len() > GROUP {
+    let acc: &mut [f32] = if H::NEEDS_ACC || many {
         acc_block = [0.0; BLOCK_BYTES / 2];
         &mut acc_block
     } else {
@@ -666,12 +666,19 @@ fn sum_half<H: Half16>(out: &mut [u8], inputs: &[&[u8]]) {
     } else {
         &mut []
     };
-    if all_aligned::<H>(out, inputs) {
-        sum_half_blocks::<H>(out, inputs, acc, tmp, &mut []);
-    } else {
-        let mut scratch: Scratches = [[0; BLOCK_BYTES / 8]; GROUP + 1];
-        sum_half_blocks::<H>(out, inputs, acc, tmp, &mut scratch);
-    }
+    f(acc, tmp)
+}
+
+/// `out = round(f32(in0) + f32(in1) + ...)` for two or more inputs.
+fn sum_half<H: Half16>(out: &mut [u8], inputs: &[&[u8]]) {
+    with_f32_blocks::<H, _>(inputs.len() > GROUP, |acc, tmp| {
+        if all_aligned::<H>(out, inputs) {
+            sum_half_blocks::<H>(out, inputs, acc, tmp, &mut []);
+        } else {
+            let mut scratch: Scratches = [[0; BLOCK_BYTES / 8]; GROUP + 1];
+            sum_half_blocks::<H>(out, inputs, acc, tmp, &mut scratch);
+        }
+    });
 }
 
 /// Block loop of [`sum_half`]; `scratch` is empty when every buffer is aligned.
@@ -719,42 +726,26 @@ fn scale_half<H: Half16>(buf: &mut [u8], s: f32) {
 
 /// `acc = round(f32(acc) + f32(input))`.
 fn add_assign_half<H: Half16>(accb: &mut [u8], input: &[u8]) {
-    let mut acc: F32Block = [0.0; BLOCK_BYTES / 2];
-    let mut tmp: F32Block = [0.0; BLOCK_BYTES / 2];
     let mut scratch: [Scratch; 3] = [[0; BLOCK_BYTES / 8]; 3];
     let [old_copy, in_scratch, out_scratch] = &mut scratch;
-    for (bi, ob) in accb.chunks_mut(BLOCK_BYTES).enumerate() {
-        let r = bi * BLOCK_BYTES..bi * BLOCK_BYTES + ob.len();
-        // The old value is read from a copy, as the block is overwritten in place.
-        let old = &mut bytemuck::cast_slice_mut::<u64, u8>(old_copy)[..ob.len()];
-        old.copy_from_slice(ob);
-        let old: &[H] = bytemuck::cast_slice(old);
-        let inp = view::<H>(&input[r], Some(in_scratch));
-        let v = [old, inp, &[], &[]];
-        if aligned::<H>(ob) {
-            H::group(
-                &mut acc,
-                &mut tmp,
-                bytemuck::cast_slice_mut(ob),
-                v,
-                2,
-                true,
-                true,
-            );
-        } else {
-            let s = &mut bytemuck::cast_slice_mut::<u64, u8>(out_scratch)[..ob.len()];
-            H::group(
-                &mut acc,
-                &mut tmp,
-                bytemuck::cast_slice_mut(s),
-                v,
-                2,
-                true,
-                true,
-            );
-            ob.copy_from_slice(s);
+    with_f32_blocks::<H, _>(false, |acc, tmp| {
+        for (bi, ob) in accb.chunks_mut(BLOCK_BYTES).enumerate() {
+            let r = bi * BLOCK_BYTES..bi * BLOCK_BYTES + ob.len();
+            // The old value is read from a copy, as the block is overwritten in place.
+            let old = &mut bytemuck::cast_slice_mut::<u64, u8>(old_copy)[..ob.len()];
+            old.copy_from_slice(ob);
+            let old: &[H] = bytemuck::cast_slice(old);
+            let inp = view::<H>(&input[r], Some(in_scratch));
+            let v = [old, inp, &[], &[]];
+            if aligned::<H>(ob) {
+                H::group(acc, tmp, bytemuck::cast_slice_mut(ob), v, 2, true, true);
+            } else {
+                let s = &mut bytemuck::cast_slice_mut::<u64, u8>(out_scratch)[..ob.len()];
+                H::group(acc, tmp, bytemuck::cast_slice_mut(s), v, 2, true, true);
+                ob.copy_from_slice(s);
+            }
         }
-    }
+    });
 }
 
 #[cfg(test)]
@@ -815,14 +806,16 @@ mod tests {
                     } else {
                         reference_sum(dtype, &refs)
                     };
-                    // Alignment patterns: all aligned, all at +1, alternating, out only.
-                    for pattern in 0..4usize {
+                    // Alignment patterns: all aligned, all at +1, alternating, out only,
+                    // and assorted offsets 0..8 (aligned for some dtypes only).
+                    for pattern in 0..5usize {
                         let in_off = |k: usize| match pattern {
                             0 | 3 => 0,
                             1 => 1,
-                            _ => k % 2,
+                            2 => k % 2,
+                            _ => (3 * k + 2) % 8,
                         };
-                        let out_off = usize::from(pattern == 1 || pattern == 3);
+                        let out_off = [0, 1, 0, 1, 2][pattern];
                         let stores: Vec<Vec<u8>> = data
                             .iter()
                             .enumerate()
