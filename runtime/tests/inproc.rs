@@ -126,3 +126,102 @@ fn average_and_timeouts_do_not_hang() {
         assert!(h.handle().wait_timeout(Duration::from_secs(20)).is_some());
     });
 }
+
+#[test]
+fn mismatched_declarations_fail_on_every_worker() {
+    job(2, 1, &[("BPS_TIMEOUT", "10s")], |b| {
+        let n = if b.rank() == 0 { 100 } else { 200 };
+        let r = b
+            .push_pull("x", vec![1.0f32; n], PushPullOpts::default())
+            .unwrap()
+            .wait();
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("\"x\""), "{e}");
+        assert!(e.contains("400 bytes") && e.contains("800 bytes"), "{e}");
+        // dtype differs too
+        let r = if b.rank() == 0 {
+            b.push_pull("y", vec![1.0f32; 4], PushPullOpts::default())
+                .unwrap()
+                .wait()
+                .map(|_| ())
+        } else {
+            b.push_pull("y", vec![1i32; 4], PushPullOpts::default())
+                .unwrap()
+                .wait()
+                .map(|_| ())
+        };
+        let e = r.unwrap_err().to_string();
+        assert!(e.contains("f32") && e.contains("i32"), "{e}");
+    });
+}
+
+#[test]
+fn same_name_with_another_size_on_one_worker_is_an_error() {
+    job(1, 0, &[], |b| {
+        b.push_pull("z", vec![1.0f32; 8], PushPullOpts::default())
+            .unwrap()
+            .wait()
+            .unwrap();
+        let e = b
+            .push_pull("z", vec![1.0f32; 9], PushPullOpts::default())
+            .unwrap()
+            .wait()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("32 bytes") && e.contains("36 bytes"), "{e}");
+    });
+}
+
+#[test]
+fn scheduler_port_in_use_is_a_clear_error() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port().to_string();
+    let c = cfg(&[("DMLC_PS_ROOT_PORT", port), ("BPS_TIMEOUT", "2s".into())]);
+    let e = Bps::init_with(c).unwrap_err().to_string();
+    assert!(e.contains("already in use"), "{e}");
+}
+
+#[test]
+fn missing_worker_fails_rendezvous_within_timeout() {
+    let port = free_port().to_string();
+    let c = cfg(&[
+        ("DMLC_NUM_WORKER", "2".into()),
+        ("DMLC_WORKER_ID", "0".into()),
+        ("DMLC_PS_ROOT_PORT", port),
+        ("BPS_TIMEOUT", "1s".into()),
+    ]);
+    let t = std::time::Instant::now();
+    let e = Bps::init_with(c).unwrap_err().to_string();
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+    assert!(e.contains("1 of 2 workers"), "{e}");
+}
+
+#[test]
+fn zero_length_one_element_and_odd_sizes() {
+    job(2, 1, &[("BYTEPS_PARTITION_BYTES", "4096")], |b| {
+        for n in [0usize, 1, 3, 1023, 1024, 1025, 4097] {
+            let v = vec![b.rank() as i64 + 1; n];
+            let out = b
+                .push_pull(&format!("t{n}"), v, PushPullOpts::default())
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert_eq!(out.len(), n);
+            assert!(out.iter().all(|x| *x == 3), "n={n}");
+        }
+    });
+}
+
+#[test]
+fn calls_after_shutdown_fail_cleanly() {
+    job(1, 0, &[], |b| {
+        let b2 = b.clone();
+        b2.shutdown().unwrap();
+        let e = b
+            .push_pull("late", vec![1u8; 4], PushPullOpts::default())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("shut down"), "{e}");
+    });
+}
