@@ -204,7 +204,9 @@ pub trait Transport {
     /// [`Event::WriteReceived`] for the bytes in question; while a write from it is in flight
     /// (until [`Event::WriteDone`]) the caller must not modify it.
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region>;
-    /// Forget a region. Writes still arriving for it are discarded.
+    /// Forget a region. Writes still arriving for it are discarded. Writes *from* it that are
+    /// still queued keep reading it until their [`Event::WriteDone`] (or until the peer's link
+    /// is dropped, e.g. with [`Net::disconnect`]): keep the memory valid until then.
     fn deregister(&mut self, token: u64) -> Result<()>;
     /// Send a small message. Copies `msg`; never blocks.
     ///
@@ -217,7 +219,8 @@ pub trait Transport {
     /// Frames on one lane arrive in order.
     ///
     /// # Errors
-    /// As [`Transport::try_send`], plus [`Error::UnknownToken`] / [`Error::OutOfBounds`] for `src`.
+    /// As [`Transport::try_send`], plus [`Error::UnknownToken`] / [`Error::OutOfBounds`] for
+    /// `src` (and, on the loopback link, for `dst`, which is checked at once).
     #[allow(clippy::too_many_arguments)]
     fn try_write_imm(
         &mut self,

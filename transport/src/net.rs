@@ -186,7 +186,9 @@ enum Rx {
         got: usize,
     },
     /// A write whose region was deregistered meanwhile: its bytes are read and dropped.
-    Discard { left: u64 },
+    Discard {
+        left: u64,
+    },
 }
 
 struct Stream {
@@ -252,6 +254,9 @@ pub struct Net {
     local_addr: SocketAddr,
     unix: Option<(UnixListener, PathBuf)>,
     regions: HashMap<u64, RegionEntry>,
+    /// Recently deregistered tokens: writes to them still on the wire are discarded, not
+    /// treated as protocol errors. Bounded (oldest forgotten first).
+    retired: (std::collections::HashSet<u64>, VecDeque<u64>),
     next_token: u64,
     peers: HashMap<PeerId, Peer>,
     streams: Vec<Option<Stream>>,
@@ -348,6 +353,7 @@ impl Net {
             local_addr,
             unix,
             regions: HashMap::new(),
+            retired: Default::default(),
             next_token: seed,
             peers: HashMap::new(),
             streams: Vec::new(),
@@ -417,7 +423,10 @@ impl Net {
 
     fn dial(&mut self, peer: PeerId) -> Result<()> {
         let me = self.cfg.me;
-        let p = self.peers.get_mut(&peer).ok_or(Error::UnknownPeer { peer })?;
+        let p = self
+            .peers
+            .get_mut(&peer)
+            .ok_or(Error::UnknownPeer { peer })?;
         let addr = p.addr.clone().ok_or(Error::UnknownPeer { peer })?;
         let kind = p.kind.unwrap_or(LinkKind::Tcp);
         p.redial_at = None;
@@ -425,14 +434,23 @@ impl Net {
             LinkKind::Tcp => {
                 let lanes = self.cfg.lanes.max(1);
                 for lane in 0..lanes {
-                    let has = self.peers[&peer].lanes.get(lane as usize).copied().flatten();
+                    let has = self.peers[&peer]
+                        .lanes
+                        .get(lane as usize)
+                        .copied()
+                        .flatten();
                     if has.is_some() {
                         continue;
                     }
-                    let mut s = TcpStream::connect(addr.tcp)
-                        .map_err(|e| Error::io(format!("connect to peer {peer} at {}", addr.tcp), e))?;
+                    let mut s = TcpStream::connect(addr.tcp).map_err(|e| {
+                        Error::io(format!("connect to peer {peer} at {}", addr.tcp), e)
+                    })?;
                     let _ = s.set_nodelay(true);
-                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    let slot = self
+                        .free_slots
+                        .last()
+                        .copied()
+                        .unwrap_or(self.streams.len());
                     self.poll
                         .registry()
                         .register(&mut s, Token(slot), Interest::READABLE | Interest::WRITABLE)
@@ -440,7 +458,8 @@ impl Net {
                     let mut st = Stream::new(Io::Tcp(s), Some(peer), lane, LinkKind::Tcp);
                     st.connecting = true;
                     let body = hello_body(me, lane, lanes, None);
-                    st.tx.push_back(frame_op(FrameKind::Hello, 0, lane, Body::Owned(body), None));
+                    st.tx
+                        .push_back(frame_op(FrameKind::Hello, 0, lane, Body::Owned(body), None));
                     let p = self.peers.get_mut(&peer).expect("peer exists");
                     if let Some(early) = p.early.get_mut(lane as usize) {
                         st.tx.extend(early.drain(..));
@@ -486,7 +505,11 @@ impl Net {
                     let _ = seg.unlink();
                     Error::io(format!("send shm hello to peer {peer}"), e)
                 })?;
-                let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                let slot = self
+                    .free_slots
+                    .last()
+                    .copied()
+                    .unwrap_or(self.streams.len());
                 let mut stream = ShmStream::new(seg, Side::A, sock);
                 self.poll
                     .registry()
@@ -605,7 +628,11 @@ impl Net {
                     // keep frames queued on this lane for the next attempt
                     if let Some(st) = self.streams[slot].as_mut() {
                         let lane = st.lane as usize;
-                        let ops: Vec<TxOp> = st.tx.drain(..).filter(|o| o.hdr[3] != FrameKind::Hello as u8).collect();
+                        let ops: Vec<TxOp> = st
+                            .tx
+                            .drain(..)
+                            .filter(|o| o.hdr[3] != FrameKind::Hello as u8)
+                            .collect();
                         let p = self.peers.get_mut(&peer).expect("peer exists");
                         if let Some(e) = p.early.get_mut(lane) {
                             for op in ops.into_iter().rev() {
@@ -636,7 +663,11 @@ impl Net {
             match self.listener.accept() {
                 Ok((mut s, _)) => {
                     let _ = s.set_nodelay(true);
-                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    let slot = self
+                        .free_slots
+                        .last()
+                        .copied()
+                        .unwrap_or(self.streams.len());
                     if self
                         .poll
                         .registry()
@@ -665,7 +696,11 @@ impl Net {
             };
             match l.accept() {
                 Ok((mut s, _)) => {
-                    let slot = self.free_slots.last().copied().unwrap_or(self.streams.len());
+                    let slot = self
+                        .free_slots
+                        .last()
+                        .copied()
+                        .unwrap_or(self.streams.len());
                     if self
                         .poll
                         .registry()
@@ -713,28 +748,39 @@ impl Net {
             if h.shm_path.is_empty() {
                 return Err("shm hello without a segment path".into());
             }
-            let seg = ShmSegment::open(std::path::Path::new(&h.shm_path))
-                .map_err(|e| e.to_string())?;
+            let seg =
+                ShmSegment::open(std::path::Path::new(&h.shm_path)).map_err(|e| e.to_string())?;
             let _ = seg.unlink();
             let Io::UnixHello(sock) = std::mem::replace(&mut st.io, Io::Swapping) else {
                 unreachable!("checked above")
             };
             st.io = Io::Shm(ShmStream::new(seg, Side::B, sock));
         }
-        st.peer = Some(h.from);
-        st.lane = h.lane;
-        let p = self.peer_entry(h.from, kind);
-        if p.kind != Some(kind) {
-            return Err(format!(
-                "peer {} connected over {kind} but is known as {:?}",
-                h.from, p.kind
-            ));
-        }
-        if let Some(old) = p.lanes[h.lane as usize] {
-            if old != slot {
+        // Every check passes before the stream is tied to the peer: a refused Hello closes only
+        // the stream that sent it, never the peer's real link.
+        if let Some(p) = self.peers.get(&h.from) {
+            if p.kind.is_some_and(|k| k != kind) {
+                return Err(format!(
+                    "peer {} connected over {kind} but is known as {:?}",
+                    h.from, p.kind
+                ));
+            }
+            if p.lost.is_some() {
+                return Err(format!("peer {} was already lost", h.from));
+            }
+            if p.lanes
+                .get(h.lane as usize)
+                .copied()
+                .flatten()
+                .is_some_and(|old| old != slot)
+            {
                 return Err(format!("peer {} opened lane {} twice", h.from, h.lane));
             }
         }
+        let st = self.streams[slot].as_mut().expect("slot live");
+        st.peer = Some(h.from);
+        st.lane = h.lane;
+        let p = self.peer_entry(h.from, kind);
         p.lanes[h.lane as usize] = Some(slot);
         p.up[h.lane as usize] = true;
         let early: Vec<TxOp> = p.early[h.lane as usize].drain(..).collect();
@@ -756,7 +802,10 @@ impl Net {
             if st.dead {
                 return;
             }
-            let peer_label = st.peer.map(|p| p.to_string()).unwrap_or_else(|| "(unidentified)".into());
+            let peer_label = st
+                .peer
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "(unidentified)".into());
             match &mut st.rx {
                 Rx::Header => {
                     let avail = st.rx_end - st.rx_start;
@@ -784,6 +833,11 @@ impl Net {
                             }
                             FrameKind::Write => {
                                 let region = self.regions.get(&hdr.token).copied();
+                                if region.is_none() && self.retired.0.contains(&hdr.token) {
+                                    let st = self.streams[slot].as_mut().expect("live");
+                                    st.rx = Rx::Discard { left: hdr.len };
+                                    continue;
+                                }
                                 let Some(r) = region else {
                                     self.protocol_error(
                                         slot,
@@ -1198,6 +1252,15 @@ impl Transport for Net {
         self.regions
             .remove(&token)
             .ok_or(Error::UnknownToken { token })?;
+        const RETIRED_MAX: usize = 1 << 16;
+        if self.retired.0.insert(token) {
+            self.retired.1.push_back(token);
+            if self.retired.1.len() > RETIRED_MAX {
+                if let Some(old) = self.retired.1.pop_front() {
+                    self.retired.0.remove(&old);
+                }
+            }
+        }
         for st in self.streams.iter_mut().flatten() {
             if let Rx::Write { hdr, got, .. } = st.rx {
                 if hdr.token == token {
@@ -1359,7 +1422,10 @@ impl Transport for Net {
                         }
                     }
                     let is_shm = matches!(
-                        self.streams.get(slot).and_then(Option::as_ref).map(|s| &s.io),
+                        self.streams
+                            .get(slot)
+                            .and_then(Option::as_ref)
+                            .map(|s| &s.io),
                         Some(Io::Shm(_))
                     );
                     if is_shm {
@@ -1374,7 +1440,10 @@ impl Transport for Net {
                         self.read(slot);
                         if let Ok(false) | Err(_) = alive {
                             if self.streams.get(slot).is_some_and(Option::is_some) {
-                                self.stream_failed(slot, "peer process closed its shared-memory link".into());
+                                self.stream_failed(
+                                    slot,
+                                    "peer process closed its shared-memory link".into(),
+                                );
                             }
                         }
                         continue;
