@@ -307,8 +307,8 @@ impl<E> Inner<E> {
         let stub = self.stub_ptr();
         // SAFETY: single consumer (caller's contract).
         let mut tail = unsafe { self.tail() };
-        // SAFETY (for every `&*tail` below): `tail` is the stub or a node the queue holds a
-        // count of (not yet popped), so it is alive.
+        // SAFETY: `tail` is the stub or a node the queue holds a count of (not yet popped), so
+        // it is alive. The same holds for every `&*tail` below.
         let mut next = unsafe { &*tail }.next.load(Ordering::Acquire);
         if tail == stub {
             if next.is_null() {
