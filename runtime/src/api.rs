@@ -204,14 +204,15 @@ fn start(cfg: Config) -> Result<Inner> {
         Err(e) => return Err(rv(format!("waiting for the address book: {e}"))),
     };
     stream.set_read_timeout(None).map_err(|e| rv(e.to_string()))?;
-    let (rank, me, num_workers, num_servers, book) = match welcome {
+    let (rank, me, num_workers, num_servers, local_size, book) = match welcome {
         Msg::Welcome {
             rank,
             peer,
             num_workers,
             num_servers,
+            local_size,
             book,
-        } => (rank, peer, num_workers, num_servers, book),
+        } => (rank, peer, num_workers, num_servers, local_size, book),
         Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
         other => return Err(rv(format!("unexpected answer {other:?}"))),
     };
@@ -230,9 +231,12 @@ fn start(cfg: Config) -> Result<Inner> {
             b.role == Role::Worker
         }
     };
-    // Colocated servers also hear from every worker.
+    // Colocated servers also hear from every worker; with local reduction, the workers of a
+    // host group talk to each other.
+    let l = local_size.max(1);
+    let same_group = |b: &BookEntry| is_worker && l > 1 && b.role == Role::Worker && b.rank / l == rank / l;
     for b in &book {
-        if wanted(b) || (is_worker && num_servers == 0) {
+        if wanted(b) || (is_worker && num_servers == 0) || same_group(b) {
             let tcp: SocketAddr = b
                 .tcp
                 .parse()
@@ -291,6 +295,7 @@ fn start(cfg: Config) -> Result<Inner> {
         sched_w,
         waker.clone(),
         stats.clone(),
+        local_size,
     );
     let node = std::thread::Builder::new()
         .name(format!("bps-{}-{rank}", cfg.role))

@@ -36,7 +36,7 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::config::{Config, Role};
 use crate::dtype::DType;
 use crate::mem::{RawSlice, SharedMem};
-use crate::proto::{BookEntry, Msg};
+use crate::proto::{BookEntry, Msg, SCOPE_GLOBAL, SCOPE_LOCAL};
 use crate::sched::write_msg;
 use crate::sum::{scale_div, sum_into};
 use crate::Error;
@@ -48,6 +48,8 @@ const F_ROOT: u32 = 1 << 25;
 const SLOT_MASK: u32 = (1 << 24) - 1;
 /// wr_id bit of writes made by the server part.
 const WR_SERVER: u64 = 1 << 63;
+/// wr_id bit of a host aggregator's pushes to the key's server.
+const WR_UP: u64 = 1 << 62;
 
 /// What a push_pull or broadcast does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,7 +106,11 @@ enum KeyInit {
 }
 
 struct WKey {
+    /// Where this worker pushes the key: its server, or its host's aggregator of the key.
     server: PeerId,
+    /// The key's server (differs from `server` with local reduction).
+    upstream: PeerId,
+    scope: u8,
     lane: u32,
     init: KeyInit,
     reply_slot: u32,
@@ -153,6 +159,7 @@ struct Worker {
 
 #[derive(Clone, Copy, Default)]
 struct SWorker {
+    peer: Option<PeerId>,
     inited: bool,
     reply_slot: u32,
     reply: Option<(u64, u64)>,
@@ -161,6 +168,8 @@ struct SWorker {
 
 struct SKey {
     key: Key,
+    /// SCOPE_GLOBAL: a server's key; SCOPE_LOCAL: a host aggregator's, forwarded upstream.
+    scope: u8,
     name: String,
     bytes: usize,
     dtype: DType,
@@ -176,15 +185,51 @@ struct SKey {
     deferred: bool,
     summing: bool,
     lane: u32,
+    up_peer: PeerId,
+    up_init: KeyInit,
+    up_announced: bool,
+    /// The host's sum is ready and waits to be forwarded to the key's server.
+    up_pending: bool,
 }
 
 struct Server {
     keys: Vec<SKey>,
-    by_key: HashMap<u64, u32>,
+    by_key: HashMap<(u8, u64), u32>,
     by_token: HashMap<u64, u32>,
+    /// Sum buffers of host aggregators: the server's answers land there.
+    by_sum_token: HashMap<u64, u32>,
     retry: VecDeque<(u32, u32)>,
+    up_retry: VecDeque<u32>,
     engines: Vec<Sender<SumJob>>,
     done_rx: Receiver<Result<u32, (u32, String)>>,
+}
+
+impl Server {
+    fn new(cfg: &Config, waker: Waker) -> Server {
+        let (done_tx, done_rx) = crossbeam_channel::unbounded();
+        let engines = (0..cfg.engine_threads)
+            .map(|i| {
+                let (tx, rx) = crossbeam_channel::unbounded::<SumJob>();
+                let done = done_tx.clone();
+                let w = waker.clone();
+                std::thread::Builder::new()
+                    .name(format!("bps-engine-{i}"))
+                    .spawn(move || engine(rx, done, w))
+                    .expect("spawn summation thread");
+                tx
+            })
+            .collect();
+        Server {
+            keys: Vec::new(),
+            by_key: HashMap::new(),
+            by_token: HashMap::new(),
+            by_sum_token: HashMap::new(),
+            retry: VecDeque::new(),
+            up_retry: VecDeque::new(),
+            engines,
+            done_rx,
+        }
+    }
 }
 
 /// The event loop's state.
@@ -209,6 +254,12 @@ pub(crate) struct Node {
     events: Vec<Event>,
     lanes: u32,
     stats: Arc<Stats>,
+    waker: Waker,
+    /// Workers per host group (BYTEPS_LOCAL_SIZE, as agreed at the rendezvous).
+    local_size: u32,
+    /// Whether chunks are first reduced within each host group (through shm) and only one
+    /// sum per host goes to the key's server.
+    local_reduce: bool,
 }
 
 /// Counters the tests and tools read.
@@ -269,6 +320,7 @@ impl Node {
         sched: Arc<Mutex<TcpStream>>,
         waker: Waker,
         stats: Arc<Stats>,
+        local_size: u32,
     ) -> Node {
         let is_worker = book
             .get(me.0 as usize)
@@ -282,29 +334,21 @@ impl Node {
             cache: RegistrationCache::new(1 << 16, 64 << 30),
             barriers: HashMap::new(),
         });
-        let server = serves.then(|| {
-            let (done_tx, done_rx) = crossbeam_channel::unbounded();
-            let engines = (0..cfg.engine_threads)
-                .map(|i| {
-                    let (tx, rx) = crossbeam_channel::unbounded::<SumJob>();
-                    let done = done_tx.clone();
-                    let w = waker.clone();
-                    std::thread::Builder::new()
-                        .name(format!("bps-engine-{i}"))
-                        .spawn(move || engine(rx, done, w))
-                        .expect("spawn summation thread");
-                    tx
-                })
-                .collect();
-            Server {
-                keys: Vec::new(),
-                by_key: HashMap::new(),
-                by_token: HashMap::new(),
-                retry: VecDeque::new(),
-                engines,
-                done_rx,
-            }
-        });
+        let server = serves.then(|| Server::new(&cfg, waker.clone()));
+        // Local reduction needs whole host groups that really share a host (shm between them).
+        let l = local_size.max(1);
+        let local_reduce = l > 1
+            && num_workers % l == 0
+            && (0..num_workers).all(|r| {
+                let leader = &book[(r / l * l) as usize];
+                book.get(r as usize)
+                    .is_some_and(|b| b.role == Role::Worker && b.host == leader.host)
+            });
+        if l > 1 && !local_reduce {
+            tracing::warn!(
+                "BYTEPS_LOCAL_SIZE={l}: workers of a host group are not all on one host (or {num_workers} workers do not split into groups of {l}); local reduction is off"
+            );
+        }
         let lanes = net.lanes().max(1);
         Node {
             cfg,
@@ -325,6 +369,9 @@ impl Node {
             events: Vec::new(),
             lanes,
             stats,
+            waker,
+            local_size: l,
+            local_reduce,
         }
     }
 
@@ -411,7 +458,11 @@ impl Node {
                 }
             }
         }
-        if self.server.as_ref().is_some_and(|s| !s.retry.is_empty()) {
+        if self
+            .server
+            .as_ref()
+            .is_some_and(|s| !s.retry.is_empty() || !s.up_retry.is_empty())
+        {
             return Duration::ZERO;
         }
         t
@@ -459,6 +510,7 @@ impl Node {
                     self.num_servers
                 };
                 let peers: Vec<PeerId> = servers.iter().map(|s| self.server_peer(*s)).collect();
+                let (lr, l, group) = (self.local_reduce, self.local_size, self.rank / self.local_size * self.local_size);
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
@@ -480,8 +532,17 @@ impl Node {
                             let key = Key::new(bps_scheduler::TensorId(tensor), c.index);
                             let slot = w.reply_slots.len() as u32;
                             w.reply_slots.push((tensor, c.index.0));
+                            let (target, scope) = if lr {
+                                // The chunk's aggregator on this host: spread over the group.
+                                let leader = group + (tensor.wrapping_add(c.index.0)) % l;
+                                (PeerId(leader), SCOPE_LOCAL)
+                            } else {
+                                (server, SCOPE_GLOBAL)
+                            };
                             WKey {
-                                server,
+                                server: target,
+                                upstream: server,
+                                scope,
                                 lane: (key.0 ^ (key.0 >> 32)) as u32 % lanes,
                                 init: KeyInit::None,
                                 reply_slot: slot,
@@ -653,8 +714,12 @@ impl Node {
         // server answers that hit back-pressure
         if let Some(s) = self.server.as_mut() {
             let retry: Vec<(u32, u32)> = s.retry.drain(..).collect();
+            let up: Vec<u32> = s.up_retry.drain(..).collect();
             for (slot, w) in retry {
                 self.send_answer(slot, w);
+            }
+            for slot in up {
+                self.forward(slot);
             }
         }
         let Some(w) = self.worker.as_mut() else {
@@ -705,6 +770,8 @@ impl Node {
                     dtype: t.dtype as u8,
                     reply_slot: k.reply_slot,
                     name: t.name.clone(),
+                    scope: k.scope,
+                    upstream: k.upstream.0,
                 };
                 match self.net.try_send(k.server, k.lane, &m.encode()) {
                     Ok(()) => {
@@ -842,8 +909,14 @@ impl Node {
                     .server
                     .as_ref()
                     .is_some_and(|s| s.by_token.contains_key(&token));
+                let upstream_answer = self
+                    .server
+                    .as_ref()
+                    .and_then(|s| s.by_sum_token.get(&token).copied());
                 if to_server {
                     self.on_push(peer, imm, token, offset, len);
+                } else if let Some(slot) = upstream_answer {
+                    self.on_upstream_answer(peer, slot, offset, len);
                 } else {
                     self.on_answer(peer, imm, token, offset, len);
                 }
@@ -876,28 +949,41 @@ impl Node {
                 dtype,
                 reply_slot,
                 name,
-            } => self.on_init_key(peer, key, bytes, dtype, reply_slot, name),
+                scope,
+                upstream,
+            } => self.on_init_key(peer, key, bytes, dtype, reply_slot, name, scope, upstream),
             Msg::SetReply {
                 server_slot,
                 token,
                 offset,
             } => {
-                let wi = peer.0 as usize;
+                let scope = self
+                    .server
+                    .as_ref()
+                    .and_then(|s| s.keys.get(server_slot as usize))
+                    .map(|k| k.scope);
+                let wi = scope.and_then(|sc| self.participant(sc, peer));
                 let ok = self.server.as_mut().and_then(|s| {
                     let k = s.keys.get_mut(server_slot as usize)?;
-                    let w = k.workers.get_mut(wi)?;
-                    w.inited.then(|| w.reply = Some((token, offset)))
+                    let w = k.workers.get_mut(wi? as usize)?;
+                    (w.inited && w.peer == Some(peer)).then(|| w.reply = Some((token, offset)))
                 });
                 if ok.is_none() {
                     self.protocol_violation(peer, format!("SetReply for unknown slot {server_slot}"));
                 }
             }
             Msg::InitAck {
+                scope,
                 key,
                 server_slot,
                 token,
                 offset,
             } => {
+                if self.local_reduce && scope == SCOPE_GLOBAL {
+                    // Answer to this host's aggregator of the key.
+                    self.on_upstream_ack(key, server_slot, token, offset);
+                    return;
+                }
                 let k = Key(key);
                 let (tensor, chunk) = (k.tensor().0, k.chunk().0 as usize);
                 let Some(t) = self.worker.as_mut().and_then(|w| w.tensors.get_mut(&tensor)) else {
@@ -920,6 +1006,15 @@ impl Node {
                 }
             }
             Msg::KeyError { key, reason } => {
+                // A host aggregator passes a server's refusal on to its host's workers (once:
+                // the aggregator may be one of them, and hears its own message).
+                let agg = self.server.as_ref().and_then(|s| {
+                    let slot = *s.by_key.get(&(SCOPE_LOCAL, key))?;
+                    (s.keys[slot as usize].up_peer == peer && peer != self.me).then_some(slot)
+                });
+                if let Some(slot) = agg {
+                    self.key_error(slot, reason.clone());
+                }
                 let k = Key(key);
                 let name = self
                     .worker
@@ -954,6 +1049,54 @@ impl Node {
 
     // ------------------------------------------------------------ server part
 
+    /// Index of `peer` among the participants of a key of `scope`, if it may push it.
+    fn participant(&self, scope: u8, peer: PeerId) -> Option<u32> {
+        let (w, l) = (self.num_workers, self.local_size);
+        if peer.0 >= w {
+            return None;
+        }
+        match scope {
+            SCOPE_GLOBAL if self.local_reduce => Some(peer.0 / l),
+            SCOPE_GLOBAL => Some(peer.0),
+            SCOPE_LOCAL if self.local_reduce && peer.0 / l == self.rank / l => Some(peer.0 % l),
+            _ => None,
+        }
+    }
+
+    fn participants(&self, scope: u8) -> u32 {
+        match scope {
+            SCOPE_GLOBAL if self.local_reduce => self.num_workers / self.local_size,
+            SCOPE_GLOBAL => self.num_workers,
+            _ => self.local_size,
+        }
+    }
+
+    /// Tell every participant of a key that it failed.
+    fn key_error(&mut self, slot: u32, reason: String) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        sk.arrived = 0;
+        sk.flags = None;
+        sk.root = None;
+        sk.summing = false;
+        sk.up_pending = false;
+        for w in sk.workers.iter_mut() {
+            w.pushed = false;
+        }
+        let (key, lane) = (sk.key.0, sk.lane);
+        let peers: Vec<PeerId> = sk.workers.iter().filter_map(|w| w.peer).collect();
+        for p in peers {
+            let m = Msg::KeyError {
+                key,
+                reason: reason.clone(),
+            };
+            let _ = self.net.try_send(p, lane, &m.encode());
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn on_init_key(
         &mut self,
         peer: PeerId,
@@ -962,69 +1105,63 @@ impl Node {
         dtype: u8,
         reply_slot: u32,
         name: String,
+        scope: u8,
+        upstream: u32,
     ) {
-        let nw = self.num_workers as usize;
         let lanes = self.lanes;
         let max_bytes = self.cfg.partition_bytes as u64;
         let who = label(&self.book, peer);
-        let Some(s) = self.server.as_mut() else {
-            self.protocol_violation(peer, "InitKey sent to a process that serves no keys".into());
-            return;
-        };
-        let reply = |net: &mut Net, m: Msg, lane: u32| {
+        let k = Key(key);
+        let lane = (k.0 ^ (k.0 >> 32)) as u32 % lanes;
+        let refuse = |net: &mut Net, reason: String| {
+            let m = Msg::KeyError { key, reason };
             if let Err(e) = net.try_send(peer, lane, &m.encode()) {
                 tracing::warn!("answer to {who} failed: {e}");
             }
         };
-        let k = Key(key);
-        let lane = (k.0 ^ (k.0 >> 32)) as u32 % lanes;
-        if peer.0 as usize >= nw {
-            reply(
-                &mut self.net,
-                Msg::KeyError {
-                    key,
-                    reason: "only workers push".into(),
-                },
-                lane,
-            );
+        if self.server.is_none() && scope == SCOPE_GLOBAL {
+            refuse(&mut self.net, "this process serves no keys".into());
             return;
         }
-        let Some(dt) = DType::from_u8(dtype) else {
-            reply(
+        let Some(index) = self.participant(scope, peer) else {
+            refuse(
                 &mut self.net,
-                Msg::KeyError {
-                    key,
-                    reason: format!("unknown dtype code {dtype}"),
-                },
-                lane,
+                format!("{who} may not push key {k} here (scope {scope})"),
             );
             return;
         };
+        let n = self.participants(scope);
+        let up_peer = if scope == SCOPE_LOCAL {
+            if (upstream as usize) >= self.book.len() {
+                refuse(&mut self.net, format!("unknown upstream server {upstream}"));
+                return;
+            }
+            PeerId(upstream)
+        } else {
+            PeerId(u32::MAX)
+        };
+        let Some(dt) = DType::from_u8(dtype) else {
+            refuse(&mut self.net, format!("unknown dtype code {dtype}"));
+            return;
+        };
         if bytes == 0 || bytes > max_bytes || bytes % dt.size() as u64 != 0 {
-            reply(
+            refuse(
                 &mut self.net,
-                Msg::KeyError {
-                    key,
-                    reason: format!(
-                        "chunk of {bytes} bytes is not allowed (1..={max_bytes} bytes, whole {dt} elements)"
-                    ),
-                },
-                lane,
+                format!("chunk of {bytes} bytes is not allowed (1..={max_bytes} bytes, whole {dt} elements)"),
             );
             return;
         }
-        if s.keys.len() >= SLOT_MASK as usize && !s.by_key.contains_key(&key) {
-            reply(
-                &mut self.net,
-                Msg::KeyError {
-                    key,
-                    reason: "this server holds the maximum number of keys".into(),
-                },
-                lane,
-            );
+        if self.server.is_none() {
+            // A worker that aggregates for its host but serves no global keys still needs the
+            // machinery: create it on first use.
+            self.server = Some(Server::new(&self.cfg, self.waker.clone()));
+        }
+        let s = self.server.as_mut().expect("created above");
+        if s.keys.len() >= SLOT_MASK as usize && !s.by_key.contains_key(&(scope, key)) {
+            refuse(&mut self.net, "this server holds the maximum number of keys".into());
             return;
         }
-        let slot = match s.by_key.get(&key) {
+        let slot = match s.by_key.get(&(scope, key)) {
             Some(&slot) => {
                 let sk = &s.keys[slot as usize];
                 if sk.bytes as u64 != bytes || sk.dtype != dt {
@@ -1032,13 +1169,13 @@ impl Node {
                         "tensor {:?} key {k} is {} bytes of {} on the first worker that used it but {bytes} bytes of {dt} ({name:?}) on {who}",
                         sk.name, sk.bytes, sk.dtype
                     );
-                    reply(&mut self.net, Msg::KeyError { key, reason }, lane);
+                    refuse(&mut self.net, reason);
                     return;
                 }
                 slot
             }
             None => {
-                let recv = SharedMem::new(nw * bytes as usize);
+                let recv = SharedMem::new(n as usize * bytes as usize);
                 let sum = SharedMem::new(bytes as usize);
                 // SAFETY: both buffers are owned by the SKey stored below and are deregistered
                 // before they are dropped (Node::drop).
@@ -1051,20 +1188,14 @@ impl Node {
                 let (rt, st) = match (rt, st) {
                     (Ok(a), Ok(b)) => (a.token, b.token),
                     (Err(e), _) | (_, Err(e)) => {
-                        reply(
-                            &mut self.net,
-                            Msg::KeyError {
-                                key,
-                                reason: e.to_string(),
-                            },
-                            lane,
-                        );
+                        refuse(&mut self.net, e.to_string());
                         return;
                     }
                 };
                 let slot = s.keys.len() as u32;
                 s.keys.push(SKey {
                     key: k,
+                    scope,
                     name: name.clone(),
                     bytes: bytes as usize,
                     dtype: dt,
@@ -1072,7 +1203,7 @@ impl Node {
                     recv_token: rt,
                     sum,
                     sum_token: st,
-                    workers: vec![SWorker::default(); nw],
+                    workers: vec![SWorker::default(); n as usize],
                     arrived: 0,
                     flags: None,
                     root: None,
@@ -1080,51 +1211,61 @@ impl Node {
                     deferred: false,
                     summing: false,
                     lane,
+                    up_peer,
+                    up_init: KeyInit::None,
+                    up_announced: false,
+                    up_pending: false,
                 });
-                s.by_key.insert(key, slot);
+                s.by_key.insert((scope, key), slot);
                 s.by_token.insert(rt, slot);
+                if scope == SCOPE_LOCAL {
+                    s.by_sum_token.insert(st, slot);
+                }
                 slot
             }
         };
         let sk = &mut s.keys[slot as usize];
-        let w = &mut sk.workers[peer.0 as usize];
+        let w = &mut sk.workers[index as usize];
         w.inited = true;
         w.reply_slot = reply_slot;
+        w.peer = Some(peer);
         let ack = Msg::InitAck {
+            scope,
             key,
             server_slot: slot,
             token: sk.recv_token,
-            offset: peer.0 as u64 * sk.bytes as u64,
+            offset: index as u64 * sk.bytes as u64,
         };
-        reply(&mut self.net, ack, lane);
+        if let Err(e) = self.net.try_send(peer, lane, &ack.encode()) {
+            tracing::warn!("answer to {} failed: {e}", label(&self.book, peer));
+        }
     }
 
     fn on_push(&mut self, peer: PeerId, imm: u32, token: u64, offset: u64, len: u64) {
-        let nw = self.num_workers;
-        let Some(s) = self.server.as_mut() else {
-            return;
-        };
         let slot = imm & SLOT_MASK;
         let flags = imm & !SLOT_MASK;
-        let wi = peer.0;
-        let bad = |why: String| why;
-        let check = (|| {
-            let sk = s
-                .keys
-                .get(slot as usize)
-                .ok_or_else(|| bad(format!("push for unknown slot {slot}")))?;
-            if s.by_token.get(&token) != Some(&slot) {
-                return Err(bad(format!("push for slot {slot} landed in another key's buffer")));
+        let scope = match self.server.as_ref().and_then(|s| s.keys.get(slot as usize)) {
+            Some(sk) => sk.scope,
+            None => {
+                self.protocol_violation(peer, format!("push for unknown slot {slot}"));
+                return;
             }
-            let w = sk
-                .workers
-                .get(wi as usize)
-                .ok_or_else(|| bad("push from a non-worker".into()))?;
-            if !w.inited {
-                return Err(bad(format!("push for key {} before InitKey", sk.key)));
+        };
+        let index = self.participant(scope, peer);
+        let n = self.participants(scope);
+        let s = self.server.as_mut().expect("checked above");
+        let check = (|| {
+            let sk = &s.keys[slot as usize];
+            let wi = index.ok_or_else(|| format!("push for key {} from a non-participant", sk.key))?;
+            if s.by_token.get(&token) != Some(&slot) {
+                return Err(format!("push for slot {slot} landed in another key's buffer"));
+            }
+            let w = &sk.workers[wi as usize];
+            if !w.inited || w.peer != Some(peer) {
+                return Err(format!("push for key {} before InitKey", sk.key));
             }
             if offset != wi as u64 * sk.bytes as u64 {
-                return Err(bad(format!("push for key {} at the wrong offset", sk.key)));
+                return Err(format!("push for key {} at the wrong offset", sk.key));
             }
             let want_len = if flags & F_BCAST != 0 && flags & F_ROOT == 0 {
                 0
@@ -1132,23 +1273,26 @@ impl Node {
                 sk.bytes as u64
             };
             if len != want_len {
-                return Err(bad(format!(
+                return Err(format!(
                     "push of {len} bytes for key {} of {} bytes",
                     sk.key, sk.bytes
-                )));
+                ));
             }
             if w.pushed {
-                return Err(bad(format!(
+                return Err(format!(
                     "second push for key {} before the round ended",
                     sk.key
-                )));
+                ));
             }
-            Ok(())
+            Ok(wi)
         })();
-        if let Err(why) = check {
-            self.protocol_violation(peer, why);
-            return;
-        }
+        let wi = match check {
+            Ok(wi) => wi,
+            Err(why) => {
+                self.protocol_violation(peer, why);
+                return;
+            }
+        };
         let sk = &mut s.keys[slot as usize];
         let round_kind = flags & F_BCAST;
         match sk.flags {
@@ -1158,26 +1302,7 @@ impl Node {
                     "workers disagree on the operation for key {} of {:?}: some push_pull, some broadcast",
                     sk.key, sk.name
                 );
-                let key = sk.key.0;
-                let lane = sk.lane;
-                let peers: Vec<u32> = (0..nw).collect();
-                sk.arrived = 0;
-                sk.flags = None;
-                sk.root = None;
-                for w in sk.workers.iter_mut() {
-                    w.pushed = false;
-                }
-                for p in peers {
-                    let _ = self.net.try_send(
-                        PeerId(p),
-                        lane,
-                        &Msg::KeyError {
-                            key,
-                            reason: reason.clone(),
-                        }
-                        .encode(),
-                    );
-                }
+                self.key_error(slot, reason);
                 return;
             }
             Some(_) => {}
@@ -1185,15 +1310,15 @@ impl Node {
         if flags & F_ROOT != 0 {
             if sk.root.is_some() {
                 let why = format!("two broadcast roots for key {}", sk.key);
-                self.protocol_violation(peer, why);
+                self.key_error(slot, why);
                 return;
             }
             sk.root = Some(wi);
         }
         sk.workers[wi as usize].pushed = true;
         sk.arrived += 1;
-        if sk.arrived == nw {
-            if sk.sends_pending > 0 || sk.summing {
+        if sk.arrived == n {
+            if sk.sends_pending > 0 || sk.summing || sk.up_pending {
                 sk.deferred = true;
             } else {
                 self.reduce(slot);
@@ -1201,33 +1326,27 @@ impl Node {
         }
     }
 
-    /// Every worker pushed: sum (or copy the broadcast root's data) on an engine thread.
+    /// Every participant pushed: sum (or copy the broadcast root's data) on an engine thread.
     fn reduce(&mut self, slot: u32) {
         let Some(s) = self.server.as_mut() else {
             return;
         };
         let sk = &mut s.keys[slot as usize];
         let n = sk.bytes;
-        let inputs: Vec<RawSlice> = match (sk.flags, sk.root) {
-            (Some(f), Some(root)) if f & F_BCAST != 0 => vec![sk.recv.raw().sub(root as usize * n, n)],
-            (Some(f), None) if f & F_BCAST != 0 => {
-                let reason = format!("broadcast of key {} has no root among the workers", sk.key);
-                let key = sk.key.0;
-                let lane = sk.lane;
-                for p in 0..self.num_workers {
-                    let _ = self.net.try_send(
-                        PeerId(p),
-                        lane,
-                        &Msg::KeyError {
-                            key,
-                            reason: reason.clone(),
-                        }
-                        .encode(),
-                    );
-                }
+        let bcast = sk.flags.is_some_and(|f| f & F_BCAST != 0);
+        let inputs: Vec<RawSlice> = match (bcast, sk.root) {
+            (true, Some(root)) => vec![sk.recv.raw().sub(root as usize * n, n)],
+            (true, None) if sk.scope == SCOPE_LOCAL => {
+                // The root is on another host: nothing to contribute from here.
+                self.forward(slot);
                 return;
             }
-            _ => (0..sk.workers.len())
+            (true, None) => {
+                let reason = format!("broadcast of key {} has no root among the workers", sk.key);
+                self.key_error(slot, reason);
+                return;
+            }
+            (false, _) => (0..sk.workers.len())
                 .map(|w| sk.recv.raw().sub(w * n, n))
                 .collect(),
         };
@@ -1251,31 +1370,136 @@ impl Node {
         let done: Vec<_> = s.done_rx.try_iter().collect();
         for d in done {
             match d {
-                Ok(slot) => self.answer(slot),
-                Err((slot, why)) => {
+                Ok(slot) => {
                     let s = self.server.as_mut().expect("server");
                     let sk = &mut s.keys[slot as usize];
                     sk.summing = false;
-                    let (key, lane) = (sk.key.0, sk.lane);
-                    for p in 0..self.num_workers {
-                        let _ = self.net.try_send(
-                            PeerId(p),
-                            lane,
-                            &Msg::KeyError {
-                                key,
-                                reason: why.clone(),
-                            }
-                            .encode(),
-                        );
+                    if sk.scope == SCOPE_LOCAL {
+                        self.forward(slot);
+                    } else {
+                        self.answer(slot);
+                    }
+                }
+                Err((slot, why)) => self.key_error(slot, why),
+            }
+        }
+    }
+
+    /// A host's local sum is ready: push it to the key's server (first use: InitKey).
+    fn forward(&mut self, slot: u32) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        sk.up_pending = true;
+        let (up, lane) = (sk.up_peer, sk.lane);
+        match sk.up_init {
+            KeyInit::None => {
+                let m = Msg::InitKey {
+                    key: sk.key.0,
+                    bytes: sk.bytes as u64,
+                    dtype: sk.dtype as u8,
+                    reply_slot: slot,
+                    name: sk.name.clone(),
+                    scope: SCOPE_GLOBAL,
+                    upstream: 0,
+                };
+                match self.net.try_send(up, lane, &m.encode()) {
+                    Ok(()) => sk.up_init = KeyInit::Sent,
+                    Err(e) if e.is_busy() => s.up_retry.push_back(slot),
+                    Err(e) => {
+                        let why = format!("forwarding to {}: {e}", label(&self.book, up));
+                        self.key_error(slot, why);
+                    }
+                }
+            }
+            KeyInit::Sent => {}
+            KeyInit::Ready {
+                slot: up_slot,
+                token,
+                offset,
+            } => {
+                if !sk.up_announced {
+                    let m = Msg::SetReply {
+                        server_slot: up_slot,
+                        token: sk.sum_token,
+                        offset: 0,
+                    };
+                    match self.net.try_send(up, lane, &m.encode()) {
+                        Ok(()) => sk.up_announced = true,
+                        Err(e) if e.is_busy() => {
+                            s.up_retry.push_back(slot);
+                            return;
+                        }
+                        Err(e) => {
+                            let why = format!("forwarding to {}: {e}", label(&self.book, up));
+                            self.key_error(slot, why);
+                            return;
+                        }
+                    }
+                }
+                let bcast = sk.flags.is_some_and(|f| f & F_BCAST != 0);
+                let (len, flags) = match (bcast, sk.root) {
+                    (false, _) => (sk.bytes as u64, 0),
+                    (true, Some(_)) => (sk.bytes as u64, F_BCAST | F_ROOT),
+                    (true, None) => (0, F_BCAST),
+                };
+                let r = self.net.try_write_imm(
+                    up,
+                    lane,
+                    sk.sum_token,
+                    0,
+                    len,
+                    RemoteSlice { token, offset },
+                    up_slot | flags,
+                    WR_UP | slot as u64,
+                );
+                match r {
+                    Ok(()) => sk.up_pending = false,
+                    Err(e) if e.is_busy() => s.up_retry.push_back(slot),
+                    Err(e) => {
+                        let why = format!("forwarding to {}: {e}", label(&self.book, up));
+                        self.key_error(slot, why);
                     }
                 }
             }
         }
     }
 
-    /// The round's result is ready: write it to every worker.
+    /// The server answered a host aggregator's InitKey.
+    fn on_upstream_ack(&mut self, key: u64, up_slot: u32, token: u64, offset: u64) {
+        let Some(s) = self.server.as_mut() else {
+            return;
+        };
+        let Some(&slot) = s.by_key.get(&(SCOPE_LOCAL, key)) else {
+            return;
+        };
+        let sk = &mut s.keys[slot as usize];
+        sk.up_init = KeyInit::Ready {
+            slot: up_slot & SLOT_MASK,
+            token,
+            offset,
+        };
+        if sk.up_pending {
+            self.forward(slot);
+        }
+    }
+
+    /// The global sum of a host-aggregated key arrived (in its sum buffer).
+    fn on_upstream_answer(&mut self, peer: PeerId, slot: u32, offset: u64, len: u64) {
+        let ok = self.server.as_ref().is_some_and(|s| {
+            let sk = &s.keys[slot as usize];
+            sk.up_peer == peer && offset == 0 && len == sk.bytes as u64 && !sk.up_pending
+        });
+        if !ok {
+            self.protocol_violation(peer, format!("unexpected answer into aggregator slot {slot}"));
+            return;
+        }
+        self.answer(slot);
+    }
+
+    /// The round's result is ready: write it to every participant.
     fn answer(&mut self, slot: u32) {
-        let nw = self.num_workers;
         let Some(s) = self.server.as_mut() else {
             return;
         };
@@ -1287,10 +1511,13 @@ impl Node {
         for w in sk.workers.iter_mut() {
             w.pushed = false;
         }
-        self.stats
-            .rounds
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        for w in 0..nw {
+        let n = sk.workers.len() as u32;
+        if sk.scope == SCOPE_GLOBAL {
+            self.stats
+                .rounds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        for w in 0..n {
             self.send_answer(slot, w);
         }
     }
@@ -1301,13 +1528,13 @@ impl Node {
         };
         let sk = &mut s.keys[slot as usize];
         let sw = sk.workers[w as usize];
-        let Some((token, offset)) = sw.reply else {
-            let why = format!("worker {w} pushed key {} without a reply address", sk.key);
-            self.protocol_violation(PeerId(w), why);
+        let (Some((token, offset)), Some(peer)) = (sw.reply, sw.peer) else {
+            let why = format!("participant {w} pushed key {} without a reply address", sk.key);
+            self.key_error(slot, why);
             return;
         };
         let r = self.net.try_write_imm(
-            PeerId(w),
+            peer,
             sk.lane,
             sk.sum_token,
             0,
@@ -1320,7 +1547,7 @@ impl Node {
             Ok(()) => sk.sends_pending += 1,
             Err(e) if e.is_busy() => s.retry.push_back((slot, w)),
             Err(e) => {
-                tracing::debug!("answer to worker {w} failed: {e}");
+                tracing::debug!("answer to {} failed: {e}", label(&self.book, peer));
             }
         }
     }

@@ -10,6 +10,10 @@ use crate::config::Role;
 
 /// Longest name, address or reason string accepted.
 pub const MAX_STR: usize = 4096;
+/// InitKey scope: to the key's server.
+pub const SCOPE_GLOBAL: u8 = 0;
+/// InitKey scope: to the host's local aggregator of the key.
+pub const SCOPE_LOCAL: u8 = 1;
 /// Most entries in an address book or a placement.
 pub const MAX_ENTRIES: usize = 1 << 16;
 
@@ -78,6 +82,8 @@ pub enum Msg {
         num_workers: u32,
         /// Servers in the job (0 = colocated).
         num_servers: u32,
+        /// Workers per host group (BYTEPS_LOCAL_SIZE), agreed by every worker.
+        local_size: u32,
         /// Everyone.
         book: Vec<BookEntry>,
     },
@@ -144,9 +150,15 @@ pub enum Msg {
         reply_slot: u32,
         /// Name of the tensor, for messages.
         name: String,
+        /// [`SCOPE_GLOBAL`] (to a server) or [`SCOPE_LOCAL`] (to the host's local aggregator).
+        scope: u8,
+        /// For local scope: the transport id of the key's server.
+        upstream: u32,
     },
     /// server → worker: key ready; push into this slice.
     InitAck {
+        /// Scope of the InitKey answered.
+        scope: u8,
         /// The key.
         key: u64,
         /// Immediate for pushes of this key.
@@ -212,6 +224,7 @@ impl Msg {
                 peer,
                 num_workers,
                 num_servers,
+                local_size,
                 book,
             } => {
                 e = Encoder::with_tag(2);
@@ -219,6 +232,7 @@ impl Msg {
                     .u32(*peer)
                     .u32(*num_workers)
                     .u32(*num_servers)
+                    .u32(*local_size)
                     .u32(book.len() as u32);
                 for b in book {
                     e.u32(b.peer);
@@ -274,18 +288,31 @@ impl Msg {
                 dtype,
                 reply_slot,
                 name,
+                scope,
+                upstream,
             } => {
                 e = Encoder::with_tag(20);
-                e.u64(*key).u64(*bytes).u8(*dtype).u32(*reply_slot).str(name);
+                e.u64(*key)
+                    .u64(*bytes)
+                    .u8(*dtype)
+                    .u32(*reply_slot)
+                    .str(name)
+                    .u8(*scope)
+                    .u32(*upstream);
             }
             Msg::InitAck {
+                scope,
                 key,
                 server_slot,
                 token,
                 offset,
             } => {
                 e = Encoder::with_tag(21);
-                e.u64(*key).u32(*server_slot).u64(*token).u64(*offset);
+                e.u8(*scope)
+                    .u64(*key)
+                    .u32(*server_slot)
+                    .u64(*token)
+                    .u64(*offset);
             }
             Msg::KeyError { key, reason } => {
                 e = Encoder::with_tag(22);
@@ -332,6 +359,7 @@ impl Msg {
                 let peer = d.u32("peer")?;
                 let num_workers = d.u32("workers")?;
                 let num_servers = d.u32("servers")?;
+                let local_size = d.u32("local size")?;
                 // each entry is at least 4 + 1 + 4 + 4*4 bytes
                 let n = d.count("address book", 25, MAX_ENTRIES)?;
                 let mut book = Vec::with_capacity(n);
@@ -351,6 +379,7 @@ impl Msg {
                     peer,
                     num_workers,
                     num_servers,
+                    local_size,
                     book,
                 }
             }
@@ -394,8 +423,11 @@ impl Msg {
                 dtype: d.u8("dtype")?,
                 reply_slot: d.u32("reply slot")?,
                 name: d.str("tensor name", MAX_STR)?.into(),
+                scope: d.u8("scope")?,
+                upstream: d.u32("upstream")?,
             },
             21 => Msg::InitAck {
+                scope: d.u8("scope")?,
                 key: d.u64("key")?,
                 server_slot: d.u32("server slot")?,
                 token: d.u64("token")?,
@@ -449,6 +481,7 @@ mod tests {
                 peer: 5,
                 num_workers: 4,
                 num_servers: 2,
+                local_size: 2,
                 book: vec![BookEntry {
                     peer: 0,
                     role: Role::Worker,
@@ -488,8 +521,11 @@ mod tests {
                 dtype: 3,
                 reply_slot: 4,
                 name: "w".into(),
+                scope: SCOPE_LOCAL,
+                upstream: 3,
             },
             Msg::InitAck {
+                scope: SCOPE_GLOBAL,
                 key: 7,
                 server_slot: 1,
                 token: 2,

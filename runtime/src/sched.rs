@@ -107,6 +107,11 @@ impl State {
         }
     }
 
+    /// The workers' BYTEPS_LOCAL_SIZE (checked equal at registration).
+    fn local_size(&self) -> u32 {
+        self.workers().map(|(_, n)| n.reg.local_size).next().unwrap_or(1).max(1)
+    }
+
     fn workers(&self) -> impl Iterator<Item = (&usize, &Node)> {
         self.nodes.iter().filter(|(_, n)| n.reg.role == Role::Worker)
     }
@@ -130,6 +135,16 @@ impl State {
         }
         if r.lanes != f.lanes {
             diffs.push(format!("BPS_TCP_LANES {} vs {}", r.lanes, f.lanes));
+        }
+        if r.role == Role::Worker {
+            if let Some((_, w)) = self.workers().next() {
+                if w.reg.local_size != r.local_size {
+                    diffs.push(format!(
+                        "BYTEPS_LOCAL_SIZE {} vs {}",
+                        r.local_size, w.reg.local_size
+                    ));
+                }
+            }
         }
         if diffs.is_empty() {
             Ok(())
@@ -213,6 +228,7 @@ impl State {
                     peer: n.peer.expect("numbered"),
                     num_workers: self.expect_workers,
                     num_servers: self.expect_servers,
+                    local_size: self.local_size(),
                     book: book.clone(),
                 },
             );

@@ -19,7 +19,12 @@
 //!
 //! [`sum_into`] makes one pass over memory: it walks the buffers in blocks of a few
 //! KiB, and for each block computes `out = in0 + in1 + ...` while the output block
-//! (or, for f16/bf16, an f32 running-sum block on the stack) stays in L1.
+//! (or, for f16/bf16, an f32 running-sum block on the stack) stays in L1. The
+//! kernels use at most about 40 KiB of stack.
+//!
+//! Performance note: the bf16 kernels are compute-bound with the baseline x86-64
+//! target (SSE2); building with `-C target-cpu=x86-64-v3` (AVX2, F16C) lets the same
+//! code vectorise twice as wide and brings bf16 close to memory bandwidth.
 
 use std::fmt;
 

@@ -45,8 +45,15 @@ where
             ("BYTEPS_SERVER_ENGINE_THREAD", "2".to_string()),
         ];
         if let Some(r) = rank {
-            v.push(("DMLC_WORKER_ID", r.to_string()));
+            let l: u32 = extra
+                .iter()
+                .find(|(k, _)| *k == "BYTEPS_LOCAL_SIZE")
+                .map_or(1, |(_, v)| v.parse().unwrap());
+            v.push(("BPS_RANK", r.to_string()));
+            v.push(("BPS_NUM_WORKER", workers.to_string()));
+            v.push(("BYTEPS_LOCAL_RANK", (r % l).to_string()));
         }
+        v.push(("BPS_NUM_WORKER", workers.to_string()));
         for (k, x) in extra {
             v.push((k, x.to_string()));
         }
@@ -224,4 +231,45 @@ fn calls_after_shutdown_fail_cleanly() {
             .to_string();
         assert!(e.contains("shut down"), "{e}");
     });
+}
+
+#[test]
+fn local_reduction_in_host_groups() {
+    for servers in [0u32, 1, 2] {
+        job(4, servers, &[("BYTEPS_LOCAL_SIZE", "2"), ("BYTEPS_PARTITION_BYTES", "4096")], |b| {
+            let n = 5000usize;
+            let r = b.rank() as i32;
+            for step in 0..2 {
+                let v: Vec<i32> = (0..n as i32).map(|i| i + r * 1000 + step).collect();
+                let out = b
+                    .push_pull("lr", v, PushPullOpts::default())
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                for (i, x) in out.iter().enumerate() {
+                    assert_eq!(*x, 4 * i as i32 + 6000 + 4 * step, "i {i}");
+                }
+            }
+            let out = b
+                .broadcast("lrb", vec![b.rank() as f32; 3000], 1)
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(out.iter().all(|x| *x == 1.0));
+            let out = b
+                .broadcast("lrb2", vec![b.rank() as f32; 10], 2)
+                .unwrap()
+                .wait()
+                .unwrap();
+            assert!(out.iter().all(|x| *x == 2.0));
+            // the host group really uses shared memory between its workers
+            let links = b.links();
+            let partner = b.rank() ^ 1;
+            let kind = links
+                .iter()
+                .find(|(n, _)| *n == format!("worker {partner}"))
+                .and_then(|(_, k)| *k);
+            assert_eq!(kind, Some(bps_transport::LinkKind::Shm), "{links:?}");
+        });
+    }
 }
