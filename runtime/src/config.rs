@@ -451,7 +451,8 @@ mod tests {
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect();
-        Config::from_lookup(&Lookup::map(&m))
+        let c = Config::from_lookup(&Lookup::map(&m));
+        c
     }
 
     #[test]
