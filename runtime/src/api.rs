@@ -78,7 +78,7 @@ struct Inner {
     names: Mutex<Names>,
     next_op: AtomicU64,
     down: AtomicBool,
-    node: Mutex<Option<JoinHandle<()>>>,
+    node: Mutex<Option<JoinHandle<Option<Error>>>>,
     reader: Mutex<Option<JoinHandle<()>>>,
     sched_stream: TcpStream,
     scheduler: Mutex<Option<Scheduler>>,
@@ -117,11 +117,12 @@ pub fn run_server(mut cfg: Config) -> Result<()> {
     cfg.role = Role::Server;
     let inner = start(cfg)?;
     let h = inner.node.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(h) = h {
-        let _ = h.join();
-    }
+    let broken = h.and_then(|h| h.join().unwrap_or(Some(Error::Abandoned)));
     let _ = inner.sched_stream.shutdown(std::net::Shutdown::Both);
-    Ok(())
+    match broken {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 fn hostname() -> String {

@@ -390,8 +390,8 @@ impl Node {
         }
     }
 
-    /// Run until shut down.
-    pub(crate) fn run(mut self) {
+    /// Run until shut down. Returns the error that broke the job, if one did.
+    pub(crate) fn run(mut self) -> Option<Error> {
         loop {
             while let Ok(c) = self.cmds.try_recv() {
                 self.on_command(c);
@@ -417,6 +417,7 @@ impl Node {
         if let Some((tx, _)) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        self.broken.take()
     }
 
     fn should_exit(&mut self) -> bool {

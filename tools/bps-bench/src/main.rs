@@ -75,6 +75,9 @@ struct RunArgs {
     /// Transport: auto, tcp, shm, rdma.
     #[arg(long)]
     transport: Option<String>,
+    /// Print, per rank, the link kind (shm, tcp, loopback) to every peer it used.
+    #[arg(long)]
+    show_links: bool,
     /// Local cluster: workers (when not joining a job).
     #[arg(long, default_value_t = 2)]
     workers: u32,
@@ -484,6 +487,14 @@ fn main() -> ExitCode {
         }
     };
     let res = run(&bps, &args);
+    if args.show_links {
+        let links: Vec<String> = bps
+            .links()
+            .into_iter()
+            .filter_map(|(who, k)| k.map(|k| format!("{who}={k}")))
+            .collect();
+        println!("# rank {} links: {}", bps.rank(), links.join(", "));
+    }
     let code = match &res {
         Ok(rows) => {
             let wrong: u64 = rows.iter().map(|r| r.wrong).sum();
