@@ -173,7 +173,11 @@ fn start(cfg: Config) -> Result<Inner> {
     let addr = net.local_addr();
     let reg = Register {
         role: cfg.role,
-        rank: if cfg.role == Role::Worker { cfg.rank } else { None },
+        rank: if cfg.role == Role::Worker {
+            cfg.rank
+        } else {
+            None
+        },
         local_rank: cfg.local_rank,
         local_size: cfg.local_size,
         num_workers: cfg.num_workers,
@@ -197,14 +201,21 @@ fn start(cfg: Config) -> Result<Inner> {
         .map_err(|e| rv(e.to_string()))?;
     let welcome = match read_msg(&mut stream) {
         Ok(m) => m,
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             return Err(rv(format!(
                 "no address book within {wait:?}: not every worker/server registered (BPS_TIMEOUT)"
             )))
         }
         Err(e) => return Err(rv(format!("waiting for the address book: {e}"))),
     };
-    stream.set_read_timeout(None).map_err(|e| rv(e.to_string()))?;
+    stream
+        .set_read_timeout(None)
+        .map_err(|e| rv(e.to_string()))?;
     let (rank, me, num_workers, num_servers, local_size, book) = match welcome {
         Msg::Welcome {
             rank,
@@ -235,7 +246,8 @@ fn start(cfg: Config) -> Result<Inner> {
     // Colocated servers also hear from every worker; with local reduction, the workers of a
     // host group talk to each other.
     let l = local_size.max(1);
-    let same_group = |b: &BookEntry| is_worker && l > 1 && b.role == Role::Worker && b.rank / l == rank / l;
+    let same_group =
+        |b: &BookEntry| is_worker && l > 1 && b.role == Role::Worker && b.rank / l == rank / l;
     for b in &book {
         if wanted(b) || (is_worker && num_servers == 0) || same_group(b) {
             let tcp: SocketAddr = b
@@ -410,7 +422,12 @@ impl Bps {
     }
     /// Links by kind to the peers this worker talks to, once connected.
     pub fn links(&self) -> Vec<(String, Option<LinkKind>)> {
-        let links = self.inner.stats.links.lock().unwrap_or_else(|p| p.into_inner());
+        let links = self
+            .inner
+            .stats
+            .links
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         self.inner
             .book
             .iter()
@@ -446,6 +463,7 @@ impl Bps {
         Ok(id)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         name: &str,
@@ -559,7 +577,15 @@ impl Bps {
             addr: buf as usize,
             len: bytes,
         };
-        self.submit(name, dtype, bytes, r, r, OpKind::Broadcast { root }, priority)
+        self.submit(
+            name,
+            dtype,
+            bytes,
+            r,
+            r,
+            OpKind::Broadcast { root },
+            priority,
+        )
     }
 
     /// Sum a vector across workers (in place); the vector comes back from [`Pending::wait`].
@@ -696,11 +722,23 @@ impl Bps {
             self.inner.waker.wake();
             let _ = rx.recv_timeout(self.inner.cfg.timeout + Duration::from_secs(5));
         }
-        if let Some(h) = self.inner.node.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .inner
+            .node
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
         let _ = self.inner.sched_stream.shutdown(std::net::Shutdown::Both);
-        if let Some(h) = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = self
+            .inner
+            .reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             let _ = h.join();
         }
         if let Some(s) = self

@@ -96,7 +96,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["DMLC_INTERFACE"], default: "", allowed: "network interface name", doc: "interface whose IPv4 address peers use" },
     Tunable { names: &["BPS_PORT"], default: "0", allowed: "port 0..65535 (0 = any free)", doc: "data port of this process" },
     Tunable { names: &["BPS_MAX_MESSAGE_BYTES"], default: "1048576", allowed: "bytes 4096 ..= 64 MiB", doc: "largest control message accepted from a peer" },
-    Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: when this worker asks for rank 0 and no DMLC_ROLE=scheduler is expected)" },
+    Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
 ];
 
@@ -118,9 +118,11 @@ impl std::fmt::Display for Source {
     }
 }
 
+type LookupFn<'a> = Box<dyn Fn(&str) -> Option<String> + 'a>;
+
 /// Reads tunables from a variable lookup (the process environment, or a map in tests).
 pub struct Lookup<'a> {
-    get: Box<dyn Fn(&str) -> Option<String> + 'a>,
+    get: LookupFn<'a>,
 }
 
 impl<'a> Lookup<'a> {
@@ -293,7 +295,9 @@ impl Config {
                 })
             }
         };
-        let local_size: u32 = l.parse("BYTEPS_LOCAL_SIZE", |v: &u32| *v >= 1)?.unwrap_or(1);
+        let local_size: u32 = l
+            .parse("BYTEPS_LOCAL_SIZE", |v: &u32| *v >= 1)?
+            .unwrap_or(1);
         let local_rank: u32 = l
             .parse("BYTEPS_LOCAL_RANK", |v: &u32| *v < local_size)?
             .unwrap_or(0);
@@ -333,16 +337,23 @@ impl Config {
                 (4096..=1 << 30).contains(v)
             })?
             .unwrap_or(4 << 20);
-        let credit_parts: u64 = l.parse("BYTEPS_SCHEDULING_CREDIT", |_: &u64| true)?.unwrap_or(4);
+        let credit_parts: u64 = l
+            .parse("BYTEPS_SCHEDULING_CREDIT", |_: &u64| true)?
+            .unwrap_or(4);
         let credit_bytes = match l.parse("BPS_CREDIT_BYTES", |v: &u64| *v >= 1)? {
             Some(b) => b,
             None => {
-                bps_scheduler::SchedulingConfig::from_partition_credit(partition_bytes, credit_parts)
-                    .credit_bytes
+                bps_scheduler::SchedulingConfig::from_partition_credit(
+                    partition_bytes,
+                    credit_parts,
+                )
+                .credit_bytes
             }
         };
         let engine_threads: usize = l
-            .parse("BYTEPS_SERVER_ENGINE_THREAD", |v: &usize| (1..=256).contains(v))?
+            .parse("BYTEPS_SERVER_ENGINE_THREAD", |v: &usize| {
+                (1..=256).contains(v)
+            })?
             .unwrap_or(4);
         let (t, t_src) = l.value("BPS_TIMEOUT");
         let timeout = parse_duration(&t).ok_or_else(|| Error::Config {
@@ -380,7 +391,10 @@ impl Config {
                 host_ip = Some(interface_addr(&iface).ok_or_else(|| Error::Config {
                     var: var.into(),
                     value: iface.clone(),
-                    allowed: format!("{} (an interface of this host with an IPv4 address)", t.allowed),
+                    allowed: format!(
+                        "{} (an interface of this host with an IPv4 address)",
+                        t.allowed
+                    ),
                 })?);
             }
         }
@@ -390,8 +404,11 @@ impl Config {
                 (4096..=64 << 20).contains(v)
             })?
             .unwrap_or(1 << 20);
+        // BytePS jobs (DMLC_PS_ROOT_PORT given) always start a scheduler process; torchrun
+        // jobs do not, so there worker rank 0 hosts it.
+        let byteps_style = l.raw("DMLC_PS_ROOT_PORT").0.is_some();
         let embed = match l.value("BPS_EMBED_SCHEDULER").0.as_str() {
-            "auto" => role == Role::Worker && rank == Some(0),
+            "auto" => role == Role::Worker && rank == Some(0) && !byteps_style,
             "1" | "true" | "yes" => true,
             "0" | "false" | "no" => false,
             other => {
@@ -482,7 +499,7 @@ mod tests {
         assert_eq!(c.num_workers, 8);
         assert_eq!(c.rank, Some(7));
         assert_eq!(c.scheduler.port(), 1234);
-        assert!(!c.embed_scheduler);
+        assert!(!c.embed_scheduler, "BytePS jobs have a scheduler process");
     }
 
     #[test]

@@ -511,7 +511,11 @@ impl Node {
                     self.num_servers
                 };
                 let peers: Vec<PeerId> = servers.iter().map(|s| self.server_peer(*s)).collect();
-                let (lr, l, group) = (self.local_reduce, self.local_size, self.rank / self.local_size * self.local_size);
+                let (lr, l, group) = (
+                    self.local_reduce,
+                    self.local_size,
+                    self.rank / self.local_size * self.local_size,
+                );
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
@@ -563,7 +567,11 @@ impl Node {
                     .map(|t| t.name.clone())
                     .unwrap_or_default();
                 let err = Error::Mismatch { name, reason };
-                if let Some(t) = self.worker.as_mut().and_then(|w| w.tensors.get_mut(&tensor)) {
+                if let Some(t) = self
+                    .worker
+                    .as_mut()
+                    .and_then(|w| w.tensors.get_mut(&tensor))
+                {
                     t.place = PlaceState::Failed(err.clone());
                 }
                 self.fail_tensor(tensor, err);
@@ -600,8 +608,9 @@ impl Node {
         }
         let partition_bytes = self.cfg.partition_bytes;
         let Some(w) = self.worker.as_mut() else {
-            req.completer
-                .complete(Err(Error::InvalidArgument("this process is not a worker".into())));
+            req.completer.complete(Err(Error::InvalidArgument(
+                "this process is not a worker".into(),
+            )));
             return;
         };
         let tensor = req.tensor;
@@ -623,7 +632,8 @@ impl Node {
                 let chunks = match partition(req.bytes, req.dtype.size(), partition_bytes) {
                     Ok(c) => c,
                     Err(e) => {
-                        req.completer.complete(Err(Error::InvalidArgument(e.to_string())));
+                        req.completer
+                            .complete(Err(Error::InvalidArgument(e.to_string())));
                         return;
                     }
                 };
@@ -970,7 +980,10 @@ impl Node {
                     (w.inited && w.peer == Some(peer)).then(|| w.reply = Some((token, offset)))
                 });
                 if ok.is_none() {
-                    self.protocol_violation(peer, format!("SetReply for unknown slot {server_slot}"));
+                    self.protocol_violation(
+                        peer,
+                        format!("SetReply for unknown slot {server_slot}"),
+                    );
                 }
             }
             Msg::InitAck {
@@ -987,7 +1000,11 @@ impl Node {
                 }
                 let k = Key(key);
                 let (tensor, chunk) = (k.tensor().0, k.chunk().0 as usize);
-                let Some(t) = self.worker.as_mut().and_then(|w| w.tensors.get_mut(&tensor)) else {
+                let Some(t) = self
+                    .worker
+                    .as_mut()
+                    .and_then(|w| w.tensors.get_mut(&tensor))
+                else {
                     return;
                 };
                 let Some(wk) = t.keys.get_mut(chunk) else {
@@ -1159,7 +1176,10 @@ impl Node {
         }
         let s = self.server.as_mut().expect("created above");
         if s.keys.len() >= SLOT_MASK as usize && !s.by_key.contains_key(&(scope, key)) {
-            refuse(&mut self.net, "this server holds the maximum number of keys".into());
+            refuse(
+                &mut self.net,
+                "this server holds the maximum number of keys".into(),
+            );
             return;
         }
         let slot = match s.by_key.get(&(scope, key)) {
@@ -1257,9 +1277,12 @@ impl Node {
         let s = self.server.as_mut().expect("checked above");
         let check = (|| {
             let sk = &s.keys[slot as usize];
-            let wi = index.ok_or_else(|| format!("push for key {} from a non-participant", sk.key))?;
+            let wi =
+                index.ok_or_else(|| format!("push for key {} from a non-participant", sk.key))?;
             if s.by_token.get(&token) != Some(&slot) {
-                return Err(format!("push for slot {slot} landed in another key's buffer"));
+                return Err(format!(
+                    "push for slot {slot} landed in another key's buffer"
+                ));
             }
             let w = &sk.workers[wi as usize];
             if !w.inited || w.peer != Some(peer) {
@@ -1493,7 +1516,10 @@ impl Node {
             sk.up_peer == peer && offset == 0 && len == sk.bytes as u64 && !sk.up_pending
         });
         if !ok {
-            self.protocol_violation(peer, format!("unexpected answer into aggregator slot {slot}"));
+            self.protocol_violation(
+                peer,
+                format!("unexpected answer into aggregator slot {slot}"),
+            );
             return;
         }
         self.answer(slot);
@@ -1530,7 +1556,10 @@ impl Node {
         let sk = &mut s.keys[slot as usize];
         let sw = sk.workers[w as usize];
         let (Some((token, offset)), Some(peer)) = (sw.reply, sw.peer) else {
-            let why = format!("participant {w} pushed key {} without a reply address", sk.key);
+            let why = format!(
+                "participant {w} pushed key {} without a reply address",
+                sk.key
+            );
             self.key_error(slot, why);
             return;
         };
@@ -1755,11 +1784,7 @@ impl Drop for Node {
 }
 
 /// A summation thread: sums (or copies) and reports back.
-fn engine(
-    rx: Receiver<SumJob>,
-    done: Sender<Result<u32, (u32, String)>>,
-    waker: Waker,
-) {
+fn engine(rx: Receiver<SumJob>, done: Sender<Result<u32, (u32, String)>>, waker: Waker) {
     for job in rx {
         // SAFETY: every worker has pushed this round and no push of the next round can arrive
         // before the answer of this one is sent (module docs), so the receive buffers are

@@ -109,11 +109,17 @@ impl State {
 
     /// The workers' BYTEPS_LOCAL_SIZE (checked equal at registration).
     fn local_size(&self) -> u32 {
-        self.workers().map(|(_, n)| n.reg.local_size).next().unwrap_or(1).max(1)
+        self.workers()
+            .map(|(_, n)| n.reg.local_size)
+            .next()
+            .unwrap_or(1)
+            .max(1)
     }
 
     fn workers(&self) -> impl Iterator<Item = (&usize, &Node)> {
-        self.nodes.iter().filter(|(_, n)| n.reg.role == Role::Worker)
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.reg.role == Role::Worker)
     }
 
     fn check_consistent(&self, r: &Register) -> std::result::Result<(), String> {
@@ -125,7 +131,10 @@ impl State {
             diffs.push(format!("workers {} vs {}", r.num_workers, f.num_workers));
         }
         if r.num_servers != f.num_servers {
-            diffs.push(format!("DMLC_NUM_SERVER {} vs {}", r.num_servers, f.num_servers));
+            diffs.push(format!(
+                "DMLC_NUM_SERVER {} vs {}",
+                r.num_servers, f.num_servers
+            ));
         }
         if r.partition_bytes != f.partition_bytes {
             diffs.push(format!(
@@ -184,7 +193,12 @@ impl State {
         if !errors.is_empty() {
             let reason = errors.join("; ");
             for c in workers.iter().chain(servers.iter()) {
-                self.send(*c, &Msg::Refused { reason: reason.clone() });
+                self.send(
+                    *c,
+                    &Msg::Refused {
+                        reason: reason.clone(),
+                    },
+                );
             }
             self.finished = true;
             return;
@@ -288,7 +302,11 @@ impl State {
     }
 
     fn place(&mut self, conn: usize, tensor: u32, name: String, bytes: u64, dtype: u8) {
-        let who = self.nodes.get(&conn).map(|n| n.label.clone()).unwrap_or_default();
+        let who = self
+            .nodes
+            .get(&conn)
+            .map(|n| n.label.clone())
+            .unwrap_or_default();
         if let Some(t) = self.tensors.get_mut(&tensor) {
             if t.name != name || t.bytes != bytes || t.dtype != dtype {
                 let dt = |d: u8| DType::from_u8(d).map_or("?".to_string(), |d| d.to_string());
@@ -300,7 +318,13 @@ impl State {
                 let mut to: Vec<usize> = t.placed_by.iter().copied().collect();
                 to.push(conn);
                 for c in to {
-                    self.send(c, &Msg::PlaceError { tensor, reason: reason.clone() });
+                    self.send(
+                        c,
+                        &Msg::PlaceError {
+                            tensor,
+                            reason: reason.clone(),
+                        },
+                    );
                 }
                 return;
             }
@@ -397,7 +421,9 @@ pub struct Scheduler {
 
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Scheduler").field("addr", &self.addr).finish()
+        f.debug_struct("Scheduler")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -528,7 +554,12 @@ fn accept_loop(listener: TcpListener, shared: Arc<(Mutex<State>, Condvar)>) {
                 );
                 let conns: Vec<usize> = st.nodes.keys().copied().collect();
                 for c in conns {
-                    st.send(c, &Msg::Refused { reason: reason.clone() });
+                    st.send(
+                        c,
+                        &Msg::Refused {
+                            reason: reason.clone(),
+                        },
+                    );
                 }
                 st.finished = true;
                 st.nodes.clear();
@@ -584,7 +615,10 @@ fn serve_conn(
     {
         let (m, cv) = &*shared;
         let mut st = m.lock().unwrap_or_else(|p| p.into_inner());
-        let label = format!("{} at {} (pid {} on {})", reg.role, reg.tcp, reg.pid, reg.hostname);
+        let label = format!(
+            "{} at {} (pid {} on {})",
+            reg.role, reg.tcp, reg.pid, reg.hostname
+        );
         let refuse = |w: &Arc<Mutex<TcpStream>>, reason: String| {
             let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
             let _ = write_msg(&mut w, &Msg::Refused { reason });
@@ -600,7 +634,10 @@ fn serve_conn(
             return;
         }
         if reg.role == Role::Scheduler {
-            refuse(&writer, "a scheduler cannot register with a scheduler".into());
+            refuse(
+                &writer,
+                "a scheduler cannot register with a scheduler".into(),
+            );
             return;
         }
         if reg.num_workers != st.expect_workers || reg.num_servers != st.expect_servers {
@@ -617,13 +654,17 @@ fn serve_conn(
             refuse(&writer, format!("{label}: {reason}"));
             return;
         }
-        let count = |st: &State, r: Role| st.nodes.values().filter(|n| n.reg.role == r).count() as u32;
+        let count =
+            |st: &State, r: Role| st.nodes.values().filter(|n| n.reg.role == r).count() as u32;
         let full = match reg.role {
             Role::Worker => count(&st, Role::Worker) >= st.expect_workers,
             _ => count(&st, Role::Server) >= st.expect_servers,
         };
         if full {
-            refuse(&writer, format!("{label}: the job already has enough {}s", reg.role));
+            refuse(
+                &writer,
+                format!("{label}: the job already has enough {}s", reg.role),
+            );
             return;
         }
         if st.first_reg.is_none() {

@@ -43,6 +43,10 @@ where
             ("DMLC_PS_ROOT_PORT", port.clone()),
             ("BPS_TIMEOUT", "20s".to_string()),
             ("BYTEPS_SERVER_ENGINE_THREAD", "2".to_string()),
+            (
+                "BPS_EMBED_SCHEDULER",
+                if rank == Some(0) { "1" } else { "0" }.to_string(),
+            ),
         ];
         if let Some(r) = rank {
             let l: u32 = extra
@@ -105,7 +109,14 @@ fn sum_and_broadcast_with_servers_many_chunks() {
         for step in 0..3 {
             let v: Vec<i32> = (0..n as i32).map(|i| i * (r + 1) + step).collect();
             let out = b
-                .push_pull("g", v, PushPullOpts { average: false, priority: 1 })
+                .push_pull(
+                    "g",
+                    v,
+                    PushPullOpts {
+                        average: false,
+                        priority: 1,
+                    },
+                )
                 .unwrap()
                 .wait()
                 .unwrap();
@@ -124,12 +135,21 @@ fn average_and_timeouts_do_not_hang() {
     job(2, 1, &[], |b| {
         let v = vec![b.rank() as f32 * 2.0; 7];
         let out = b
-            .push_pull("a", v, PushPullOpts { average: true, priority: 0 })
+            .push_pull(
+                "a",
+                v,
+                PushPullOpts {
+                    average: true,
+                    priority: 0,
+                },
+            )
             .unwrap()
             .wait()
             .unwrap();
         assert!(out.iter().all(|x| *x == 1.0), "{out:?}");
-        let h = b.push_pull("a", vec![1.0f32; 7], PushPullOpts::default()).unwrap();
+        let h = b
+            .push_pull("a", vec![1.0f32; 7], PushPullOpts::default())
+            .unwrap();
         assert!(h.handle().wait_timeout(Duration::from_secs(20)).is_some());
     });
 }
@@ -183,7 +203,11 @@ fn same_name_with_another_size_on_one_worker_is_an_error() {
 fn scheduler_port_in_use_is_a_clear_error() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port().to_string();
-    let c = cfg(&[("DMLC_PS_ROOT_PORT", port), ("BPS_TIMEOUT", "2s".into())]);
+    let c = cfg(&[
+        ("DMLC_PS_ROOT_PORT", port),
+        ("BPS_TIMEOUT", "2s".into()),
+        ("BPS_EMBED_SCHEDULER", "1".into()),
+    ]);
     let e = Bps::init_with(c).unwrap_err().to_string();
     assert!(e.contains("already in use"), "{e}");
 }
@@ -196,6 +220,7 @@ fn missing_worker_fails_rendezvous_within_timeout() {
         ("DMLC_WORKER_ID", "0".into()),
         ("DMLC_PS_ROOT_PORT", port),
         ("BPS_TIMEOUT", "1s".into()),
+        ("BPS_EMBED_SCHEDULER", "1".into()),
     ]);
     let t = std::time::Instant::now();
     let e = Bps::init_with(c).unwrap_err().to_string();
@@ -236,40 +261,48 @@ fn calls_after_shutdown_fail_cleanly() {
 #[test]
 fn local_reduction_in_host_groups() {
     for servers in [0u32, 1, 2] {
-        job(4, servers, &[("BYTEPS_LOCAL_SIZE", "2"), ("BYTEPS_PARTITION_BYTES", "4096")], |b| {
-            let n = 5000usize;
-            let r = b.rank() as i32;
-            for step in 0..2 {
-                let v: Vec<i32> = (0..n as i32).map(|i| i + r * 1000 + step).collect();
+        job(
+            4,
+            servers,
+            &[
+                ("BYTEPS_LOCAL_SIZE", "2"),
+                ("BYTEPS_PARTITION_BYTES", "4096"),
+            ],
+            |b| {
+                let n = 5000usize;
+                let r = b.rank() as i32;
+                for step in 0..2 {
+                    let v: Vec<i32> = (0..n as i32).map(|i| i + r * 1000 + step).collect();
+                    let out = b
+                        .push_pull("lr", v, PushPullOpts::default())
+                        .unwrap()
+                        .wait()
+                        .unwrap();
+                    for (i, x) in out.iter().enumerate() {
+                        assert_eq!(*x, 4 * i as i32 + 6000 + 4 * step, "i {i}");
+                    }
+                }
                 let out = b
-                    .push_pull("lr", v, PushPullOpts::default())
+                    .broadcast("lrb", vec![b.rank() as f32; 3000], 1)
                     .unwrap()
                     .wait()
                     .unwrap();
-                for (i, x) in out.iter().enumerate() {
-                    assert_eq!(*x, 4 * i as i32 + 6000 + 4 * step, "i {i}");
-                }
-            }
-            let out = b
-                .broadcast("lrb", vec![b.rank() as f32; 3000], 1)
-                .unwrap()
-                .wait()
-                .unwrap();
-            assert!(out.iter().all(|x| *x == 1.0));
-            let out = b
-                .broadcast("lrb2", vec![b.rank() as f32; 10], 2)
-                .unwrap()
-                .wait()
-                .unwrap();
-            assert!(out.iter().all(|x| *x == 2.0));
-            // the host group really uses shared memory between its workers
-            let links = b.links();
-            let partner = b.rank() ^ 1;
-            let kind = links
-                .iter()
-                .find(|(n, _)| *n == format!("worker {partner}"))
-                .and_then(|(_, k)| *k);
-            assert_eq!(kind, Some(bps_transport::LinkKind::Shm), "{links:?}");
-        });
+                assert!(out.iter().all(|x| *x == 1.0));
+                let out = b
+                    .broadcast("lrb2", vec![b.rank() as f32; 10], 2)
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                assert!(out.iter().all(|x| *x == 2.0));
+                // the host group really uses shared memory between its workers
+                let links = b.links();
+                let partner = b.rank() ^ 1;
+                let kind = links
+                    .iter()
+                    .find(|(n, _)| *n == format!("worker {partner}"))
+                    .and_then(|(_, k)| *k);
+                assert_eq!(kind, Some(bps_transport::LinkKind::Shm), "{links:?}");
+            },
+        );
     }
 }

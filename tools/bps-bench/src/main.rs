@@ -99,9 +99,13 @@ fn parse_size(s: &str) -> Option<usize> {
 
 /// `A:B` doubling, or a comma list.
 fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
-    let bad = || format!("--sizes {s:?}: expected A:B (e.g. 4K:256M, doubling) or a list (0,1,4K,1M)");
+    let bad =
+        || format!("--sizes {s:?}: expected A:B (e.g. 4K:256M, doubling) or a list (0,1,4K,1M)");
     if let Some((a, b)) = s.split_once(':') {
-        let (a, b) = (parse_size(a).ok_or_else(bad)?, parse_size(b).ok_or_else(bad)?);
+        let (a, b) = (
+            parse_size(a).ok_or_else(bad)?,
+            parse_size(b).ok_or_else(bad)?,
+        );
         if a == 0 || a > b {
             return Err(bad());
         }
@@ -113,7 +117,9 @@ fn parse_sizes(s: &str) -> Result<Vec<usize>, String> {
         }
         Ok(v)
     } else {
-        s.split(',').map(|x| parse_size(x).ok_or_else(bad)).collect()
+        s.split(',')
+            .map(|x| parse_size(x).ok_or_else(bad))
+            .collect()
     }
 }
 
@@ -156,11 +162,21 @@ fn gen(dtype: DType, bytes: usize, rank: u32, tensor: u32, iter: u32) -> Vec<u8>
     out
 }
 
-fn expected(args: &RunArgs, dtype: DType, bytes: usize, size: u32, tensor: u32, iter: u32, root: u32) -> Vec<u8> {
+fn expected(
+    args: &RunArgs,
+    dtype: DType,
+    bytes: usize,
+    size: u32,
+    tensor: u32,
+    iter: u32,
+    root: u32,
+) -> Vec<u8> {
     match args.op {
         Op::Broadcast => gen(dtype, bytes, root, tensor, iter),
         Op::PushPull => {
-            let inputs: Vec<Vec<u8>> = (0..size).map(|r| gen(dtype, bytes, r, tensor, iter)).collect();
+            let inputs: Vec<Vec<u8>> = (0..size)
+                .map(|r| gen(dtype, bytes, r, tensor, iter))
+                .collect();
             let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
             let mut s = reference_sum(dtype, &refs);
             if args.average {
@@ -222,7 +238,10 @@ fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
                             &name,
                             dtype,
                             b,
-                            PushPullOpts { average: args.average, priority: prio },
+                            PushPullOpts {
+                                average: args.average,
+                                priority: prio,
+                            },
                         ),
                         Op::Broadcast => bps.broadcast_bytes(&name, dtype, b, root, prio),
                     };
@@ -251,7 +270,8 @@ fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
                         if *b != want {
                             wrong += 1;
                             if wrong <= 3 {
-                                let first = b.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+                                let first =
+                                    b.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
                                 eprintln!(
                                     "bps-bench: rank {rank}: WRONG result for {} {} bytes tensor {t} iteration {it} (first difference at byte {first})",
                                     dtype, bytes
@@ -316,12 +336,21 @@ fn print_table(rows: &[Row], args: &RunArgs, n: u32) {
             r.p99_us,
             r.algbw,
             r.busbw,
-            if args.check { r.wrong.to_string() } else { "n/a".into() }
+            if args.check {
+                r.wrong.to_string()
+            } else {
+                "n/a".into()
+            }
         );
     }
 }
 
-fn write_json(path: &std::path::Path, rows: &[Row], args: &RunArgs, bps: &Bps) -> std::io::Result<()> {
+fn write_json(
+    path: &std::path::Path,
+    rows: &[Row],
+    args: &RunArgs,
+    bps: &Bps,
+) -> std::io::Result<()> {
     use serde_json::json;
     let rows: Vec<_> = rows
         .iter()
@@ -412,7 +441,11 @@ fn info() -> ExitCode {
         println!(
             "  {:<28} = {:<14} [{}]  {}",
             t.names.join("|"),
-            if v.is_empty() { "(unset)".to_string() } else { v },
+            if v.is_empty() {
+                "(unset)".to_string()
+            } else {
+                v
+            },
             src,
             t.doc
         );
@@ -422,7 +455,10 @@ fn info() -> ExitCode {
 
 fn main() -> ExitCode {
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("BPS_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BPS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
@@ -439,10 +475,16 @@ fn main() -> ExitCode {
     }
     let mut vars: Vec<(&str, String)> = Vec::new();
     if let Some(p) = &args.partition_bytes {
-        vars.push(("BYTEPS_PARTITION_BYTES", parse_size(p).map_or(p.clone(), |v| v.to_string())));
+        vars.push((
+            "BYTEPS_PARTITION_BYTES",
+            parse_size(p).map_or(p.clone(), |v| v.to_string()),
+        ));
     }
     if let Some(c) = &args.credit {
-        vars.push(("BPS_CREDIT_BYTES", parse_size(c).map_or(c.clone(), |v| v.to_string())));
+        vars.push((
+            "BPS_CREDIT_BYTES",
+            parse_size(c).map_or(c.clone(), |v| v.to_string()),
+        ));
     }
     if let Some(t) = &args.transport {
         vars.push(("BPS_TRANSPORT", t.clone()));

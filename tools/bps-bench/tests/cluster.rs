@@ -57,15 +57,20 @@ fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
 /// Run bps-bench under bps-launch; returns stdout. Fails the test on a non-zero exit.
 fn launch(workers: u32, servers: u32, extra_launch: &[&str], bench_args: &[&str]) -> String {
     let mut cmd = Command::new(launcher());
-    cmd.args(["--workers", &workers.to_string(), "--servers", &servers.to_string()])
-        .args(["--timeout", "30s"])
-        .args(extra_launch)
-        .arg("--")
-        .arg(bench())
-        .args(bench_args)
-        .env("BYTEPS_SERVER_ENGINE_THREAD", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--workers",
+        &workers.to_string(),
+        "--servers",
+        &servers.to_string(),
+    ])
+    .args(["--timeout", "30s"])
+    .args(extra_launch)
+    .arg("--")
+    .arg(bench())
+    .args(bench_args)
+    .env("BYTEPS_SERVER_ENGINE_THREAD", "2")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     // Output is collected by a thread so a chatty job cannot fill the pipe and stall.
     let child = cmd.spawn().unwrap();
     let out = wait_bounded(
@@ -87,7 +92,9 @@ fn launch(workers: u32, servers: u32, extra_launch: &[&str], bench_args: &[&str]
 fn assert_all_right(out: &str, rows: usize) {
     let data: Vec<&str> = out
         .lines()
-        .filter(|l| l.contains("[worker 0]") && !l.contains('#') && l.split_whitespace().count() >= 9)
+        .filter(|l| {
+            l.contains("[worker 0]") && !l.contains('#') && l.split_whitespace().count() >= 9
+        })
         .filter(|l| !l.contains("size") && !l.contains("(B)"))
         .collect();
     assert_eq!(data.len(), rows, "expected {rows} result rows in:\n{out}");
@@ -106,8 +113,19 @@ fn matrix(workers: u32, servers: u32) {
         servers,
         &[],
         &[
-            "--sizes", SIZES, "--dtype", "f32,i32", "--iters", "2", "--warmup", "0",
-            "--tensors", "3", "--check", "--partition-bytes", "65536",
+            "--sizes",
+            SIZES,
+            "--dtype",
+            "f32,i32",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--tensors",
+            "3",
+            "--check",
+            "--partition-bytes",
+            "65536",
         ],
     );
     assert_all_right(&out, 12);
@@ -148,8 +166,18 @@ fn every_dtype_with_average() {
         2,
         &[],
         &[
-            "--sizes", "2,4100,300000", "--dtype", "all", "--iters", "2", "--warmup", "0",
-            "--check", "--average", "--partition-bytes", "65536",
+            "--sizes",
+            "2,4100,300000",
+            "--dtype",
+            "all",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--check",
+            "--average",
+            "--partition-bytes",
+            "65536",
         ],
     );
     assert_all_right(&out, 21);
@@ -162,8 +190,21 @@ fn many_tensors_in_flight_with_mixed_priorities() {
         2,
         &[],
         &[
-            "--sizes", "4100,200000", "--dtype", "f32", "--iters", "3", "--warmup", "0",
-            "--tensors", "16", "--check", "--partition-bytes", "16384", "--credit", "65536",
+            "--sizes",
+            "4100,200000",
+            "--dtype",
+            "f32",
+            "--iters",
+            "3",
+            "--warmup",
+            "0",
+            "--tensors",
+            "16",
+            "--check",
+            "--partition-bytes",
+            "16384",
+            "--credit",
+            "65536",
         ],
     );
     assert_all_right(&out, 2);
@@ -176,9 +217,23 @@ fn broadcast_from_a_non_zero_root() {
         1,
         &[],
         &[
-            "--op", "broadcast", "--root", "2", "--sizes", "0,1,4100,1M", "--dtype", "f32,bf16",
-            "--iters", "2", "--warmup", "0", "--tensors", "2", "--check",
-            "--partition-bytes", "65536",
+            "--op",
+            "broadcast",
+            "--root",
+            "2",
+            "--sizes",
+            "0,1,4100,1M",
+            "--dtype",
+            "f32,bf16",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--tensors",
+            "2",
+            "--check",
+            "--partition-bytes",
+            "65536",
         ],
     );
     assert_all_right(&out, 8);
@@ -190,7 +245,9 @@ fn one_tensor_of_256_mib() {
         2,
         1,
         &[],
-        &["--sizes", "256M", "--dtype", "f32", "--iters", "1", "--warmup", "0", "--check"],
+        &[
+            "--sizes", "256M", "--dtype", "f32", "--iters", "1", "--warmup", "0", "--check",
+        ],
     );
     assert_all_right(&out, 1);
 }
@@ -201,7 +258,16 @@ fn shm_is_used_between_processes_of_one_host() {
         2,
         1,
         &[],
-        &["--sizes", "4K", "--iters", "1", "--warmup", "0", "--check", "--show-links"],
+        &[
+            "--sizes",
+            "4K",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--check",
+            "--show-links",
+        ],
     );
     assert_all_right(&out, 1);
     for r in 0..2 {
@@ -216,7 +282,16 @@ fn shm_is_used_between_processes_of_one_host() {
         2,
         1,
         &["--transport", "tcp"],
-        &["--sizes", "4K", "--iters", "1", "--warmup", "0", "--check", "--show-links"],
+        &[
+            "--sizes",
+            "4K",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--check",
+            "--show-links",
+        ],
     );
     assert!(out.contains("server 0=tcp"), "{out}");
 }
@@ -228,8 +303,20 @@ fn local_reduction_groups_through_the_launcher() {
         1,
         &["--local-size", "2"],
         &[
-            "--sizes", "4,4100,1M", "--dtype", "f32,i64", "--iters", "2", "--warmup", "0",
-            "--tensors", "2", "--check", "--partition-bytes", "65536", "--show-links",
+            "--sizes",
+            "4,4100,1M",
+            "--dtype",
+            "f32,i64",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--tensors",
+            "2",
+            "--check",
+            "--partition-bytes",
+            "65536",
+            "--show-links",
         ],
     );
     assert_all_right(&out, 6);
@@ -250,6 +337,8 @@ fn job_env(cmd: &mut Command, role: &str, workers: u32, servers: u32, port: u16,
         .stderr(Stdio::piped());
     if let Some(i) = id {
         cmd.env("DMLC_WORKER_ID", i.to_string());
+        // No scheduler process in this test: worker 0 hosts it.
+        cmd.env("BPS_EMBED_SCHEDULER", if i == 0 { "1" } else { "0" });
     }
 }
 
@@ -265,7 +354,9 @@ fn free_port() -> u16 {
 /// peer, within the timeout — no hang, no wrong result.
 fn kill_one(victim_is_server: bool) {
     let port = free_port();
-    let long = ["--sizes", "1M", "--iters", "100000", "--warmup", "0", "--check"];
+    let long = [
+        "--sizes", "1M", "--iters", "100000", "--warmup", "0", "--check",
+    ];
     let mut server = Command::new(bench());
     job_env(&mut server, "server", 2, 1, port, None);
     let server = server.args(long).spawn().unwrap();
@@ -293,7 +384,10 @@ fn kill_one(victim_is_server: bool) {
         let stderr = String::from_utf8_lossy(&out.stderr);
         if who.starts_with("worker") {
             assert!(!out.status.success(), "{who} should fail after {name} died");
-            assert!(stderr.contains(name), "{who} error does not name {name}:\n{stderr}");
+            assert!(
+                stderr.contains(name),
+                "{who} error does not name {name}:\n{stderr}"
+            );
             assert!(!stderr.contains("WRONG"), "{stderr}");
         }
     }
@@ -329,6 +423,9 @@ fn bad_environment_is_a_clear_error() {
         let out = wait_bounded(child, Duration::from_secs(20), k);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{k}={v}: {stderr}");
-        assert!(stderr.contains(k) && stderr.contains(v), "{k}={v}: {stderr}");
+        assert!(
+            stderr.contains(k) && stderr.contains(v),
+            "{k}={v}: {stderr}"
+        );
     }
 }
