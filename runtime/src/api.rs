@@ -139,8 +139,9 @@ fn start(cfg: Config) -> Result<Inner> {
         None
     };
     let mut stream = sched::connect(cfg.scheduler, deadline)?;
+    let sched_addr = cfg.scheduler.to_string();
     let rv = |reason: String| Error::Rendezvous {
-        addr: cfg.scheduler.to_string(),
+        addr: sched_addr.clone(),
         reason,
     };
     // Advertise the address that reaches the scheduler unless told otherwise.
@@ -216,18 +217,32 @@ fn start(cfg: Config) -> Result<Inner> {
     stream
         .set_read_timeout(None)
         .map_err(|e| rv(e.to_string()))?;
-    let (rank, me, num_workers, num_servers, local_size, book) = match welcome {
+    let (rank, me, num_workers, num_servers, local_size, partition_bytes, book) = match welcome {
         Msg::Welcome {
             rank,
             peer,
             num_workers,
             num_servers,
             local_size,
+            partition_bytes,
             book,
-        } => (rank, peer, num_workers, num_servers, local_size, book),
+        } => (
+            rank,
+            peer,
+            num_workers,
+            num_servers,
+            local_size,
+            partition_bytes,
+            book,
+        ),
         Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
         other => return Err(rv(format!("unexpected answer {other:?}"))),
     };
+    // Servers adopt the job's partition size (it bounds what a push may claim).
+    let mut cfg = cfg;
+    if partition_bytes > 0 {
+        cfg.partition_bytes = partition_bytes as usize;
+    }
     // Re-bind with our id: Net's id is part of every Hello, so the listener made above is kept
     // by rebuilding the config and swapping the id in place.
     net.set_local_peer(PeerId(me));
@@ -408,6 +423,12 @@ impl Bps {
     pub fn local_size(&self) -> u32 {
         self.inner.cfg.local_size
     }
+    /// Whether chunks are first summed inside each host group of `local_size` workers (then
+    /// a sum is `(w0 + … + w(L-1)) + (wL + …) + …`, group by group, in rank order).
+    pub fn local_reduce(&self) -> bool {
+        self.inner.stats.local_reduce.load(Ordering::Relaxed)
+    }
+
     /// Number of server processes (0 = colocated).
     pub fn num_servers(&self) -> u32 {
         self.inner.num_servers

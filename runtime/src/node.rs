@@ -143,6 +143,8 @@ struct WTensor {
     keys: Vec<WKey>,
     active: Option<Active>,
     waiting: VecDeque<OpRequest>,
+    /// When the scheduler must have answered the placement request.
+    place_deadline: Option<Instant>,
 }
 
 struct Worker {
@@ -271,6 +273,8 @@ pub struct Stats {
     pub registrations: std::sync::atomic::AtomicU64,
     /// Rounds summed by this server.
     pub rounds: std::sync::atomic::AtomicU64,
+    /// Whether chunks are reduced inside host groups first (sums then add up group by group).
+    pub local_reduce: std::sync::atomic::AtomicBool,
     /// Link kind of each connected peer (by transport id).
     pub links: Mutex<HashMap<u32, bps_transport::LinkKind>>,
 }
@@ -344,6 +348,9 @@ impl Node {
                 book.get(r as usize)
                     .is_some_and(|b| b.role == Role::Worker && b.host == leader.host)
             });
+        stats
+            .local_reduce
+            .store(local_reduce, std::sync::atomic::Ordering::Relaxed);
         if l > 1 && !local_reduce {
             tracing::warn!(
                 "BYTEPS_LOCAL_SIZE={l}: workers of a host group are not all on one host (or {num_workers} workers do not split into groups of {l}); local reduction is off"
@@ -523,11 +530,17 @@ impl Node {
                     return;
                 };
                 if servers.len() != t.chunks.len() || servers.iter().any(|s| *s >= num_servers) {
-                    t.place = PlaceState::Failed(Error::Mismatch {
+                    let err = Error::Mismatch {
                         name: t.name.clone(),
-                        reason: "the scheduler's placement does not match the tensor's chunks"
-                            .into(),
-                    });
+                        reason: format!(
+                            "the scheduler placed {} chunks but this worker cut the tensor into {} (is BYTEPS_PARTITION_BYTES the same everywhere?)",
+                            servers.len(),
+                            t.chunks.len()
+                        ),
+                    };
+                    t.place = PlaceState::Failed(err.clone());
+                    self.fail_tensor(tensor, err);
+                    return;
                 } else {
                     t.keys = t
                         .chunks
@@ -648,6 +661,7 @@ impl Node {
                         keys: Vec::new(),
                         active: None,
                         waiting: VecDeque::new(),
+                        place_deadline: None,
                     },
                 );
             }
@@ -664,6 +678,7 @@ impl Node {
         t.waiting.push_back(req);
         if matches!(t.place, PlaceState::None) {
             t.place = PlaceState::Requested;
+            t.place_deadline = Some(Instant::now() + self.cfg.timeout);
             let (name, bytes, dtype) = (t.name.clone(), t.bytes as u64, t.dtype as u8);
             self.send_sched(&Msg::Place {
                 tensor,
@@ -1670,6 +1685,19 @@ impl Node {
         };
         let mut expired = None;
         for (id, t) in &w.tensors {
+            if matches!(t.place, PlaceState::Requested)
+                && !t.waiting.is_empty()
+                && t.place_deadline.is_some_and(|d| d <= now)
+            {
+                let name = t.name.clone();
+                let e = Error::Timeout {
+                    what: format!("placement of tensor {name:?}"),
+                    peer: format!("scheduler {}", self.cfg.scheduler),
+                    timeout: self.cfg.timeout,
+                };
+                self.fail_all(e);
+                return;
+            }
             if let Some(a) = &t.active {
                 if a.deadline <= now {
                     let pending: Vec<usize> = a

@@ -84,6 +84,8 @@ pub enum Msg {
         num_servers: u32,
         /// Workers per host group (BYTEPS_LOCAL_SIZE), agreed by every worker.
         local_size: u32,
+        /// Partition size of the job (the workers' BYTEPS_PARTITION_BYTES).
+        partition_bytes: u64,
         /// Everyone.
         book: Vec<BookEntry>,
     },
@@ -225,6 +227,7 @@ impl Msg {
                 num_workers,
                 num_servers,
                 local_size,
+                partition_bytes,
                 book,
             } => {
                 e = Encoder::with_tag(2);
@@ -233,6 +236,7 @@ impl Msg {
                     .u32(*num_workers)
                     .u32(*num_servers)
                     .u32(*local_size)
+                    .u64(*partition_bytes)
                     .u32(book.len() as u32);
                 for b in book {
                     e.u32(b.peer);
@@ -360,6 +364,7 @@ impl Msg {
                 let num_workers = d.u32("workers")?;
                 let num_servers = d.u32("servers")?;
                 let local_size = d.u32("local size")?;
+                let partition_bytes = d.u64("partition bytes")?;
                 // each entry is at least 4 + 1 + 4 + 4*4 bytes
                 let n = d.count("address book", 25, MAX_ENTRIES)?;
                 let mut book = Vec::with_capacity(n);
@@ -380,6 +385,7 @@ impl Msg {
                     num_workers,
                     num_servers,
                     local_size,
+                    partition_bytes,
                     book,
                 }
             }
@@ -482,6 +488,7 @@ mod tests {
                 num_workers: 4,
                 num_servers: 2,
                 local_size: 2,
+                partition_bytes: 4096,
                 book: vec![BookEntry {
                     peer: 0,
                     role: Role::Worker,

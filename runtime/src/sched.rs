@@ -136,11 +136,15 @@ impl State {
                 r.num_servers, f.num_servers
             ));
         }
-        if r.partition_bytes != f.partition_bytes {
-            diffs.push(format!(
-                "BYTEPS_PARTITION_BYTES {} vs {}",
-                r.partition_bytes, f.partition_bytes
-            ));
+        if r.role == Role::Worker {
+            if let Some((_, w)) = self.workers().next() {
+                if w.reg.partition_bytes != r.partition_bytes {
+                    diffs.push(format!(
+                        "BYTEPS_PARTITION_BYTES {} vs {}",
+                        r.partition_bytes, w.reg.partition_bytes
+                    ));
+                }
+            }
         }
         if r.lanes != f.lanes {
             diffs.push(format!("BPS_TCP_LANES {} vs {}", r.lanes, f.lanes));
@@ -234,6 +238,11 @@ impl State {
             })
             .collect();
         book.sort_by_key(|b| b.peer);
+        // The job's partition size is the workers' (servers and the scheduler adopt it).
+        let first_worker = self.workers().next().map(|(_, n)| n.reg.partition_bytes);
+        if let Some(p) = first_worker {
+            self.partition_bytes = p as usize;
+        }
         for (c, n) in &self.nodes {
             self.send(
                 *c,
@@ -243,6 +252,7 @@ impl State {
                     num_workers: self.expect_workers,
                     num_servers: self.expect_servers,
                     local_size: self.local_size(),
+                    partition_bytes: self.partition_bytes as u64,
                     book: book.clone(),
                 },
             );

@@ -162,6 +162,9 @@ fn gen(dtype: DType, bytes: usize, rank: u32, tensor: u32, iter: u32) -> Vec<u8>
     out
 }
 
+/// What every worker must hold after the operation, bit for bit: the servers add in rank
+/// order, and with local reduction group by group (each group in rank order).
+#[allow(clippy::too_many_arguments)]
 fn expected(
     args: &RunArgs,
     dtype: DType,
@@ -170,6 +173,7 @@ fn expected(
     tensor: u32,
     iter: u32,
     root: u32,
+    group: u32,
 ) -> Vec<u8> {
     match args.op {
         Op::Broadcast => gen(dtype, bytes, root, tensor, iter),
@@ -178,7 +182,16 @@ fn expected(
                 .map(|r| gen(dtype, bytes, r, tensor, iter))
                 .collect();
             let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
-            let mut s = reference_sum(dtype, &refs);
+            let mut s = if group > 1 {
+                let sums: Vec<Vec<u8>> = refs
+                    .chunks(group as usize)
+                    .map(|g| reference_sum(dtype, g))
+                    .collect();
+                let sums: Vec<&[u8]> = sums.iter().map(|v| v.as_slice()).collect();
+                reference_sum(dtype, &sums)
+            } else {
+                reference_sum(dtype, &refs)
+            };
             if args.average {
                 scale_div(dtype, &mut s, size).expect("size > 0");
             }
@@ -266,7 +279,12 @@ fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
                 }
                 if args.check {
                     for (t, b) in results.iter().enumerate() {
-                        let want = expected(args, dtype, bytes, n, t as u32, it, root);
+                        let group = if bps.local_reduce() {
+                            bps.local_size()
+                        } else {
+                            1
+                        };
+                        let want = expected(args, dtype, bytes, n, t as u32, it, root, group);
                         if *b != want {
                             wrong += 1;
                             if wrong <= 3 {

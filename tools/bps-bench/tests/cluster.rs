@@ -319,7 +319,7 @@ fn local_reduction_groups_through_the_launcher() {
             "--show-links",
         ],
     );
-    assert_all_right(&out, 6);
+    assert_all_right(&out, 9);
     assert!(out.contains("worker 1=shm"), "{out}");
 }
 
