@@ -306,7 +306,7 @@ fn local_reduction_groups_through_the_launcher() {
             "--sizes",
             "4,4100,1M",
             "--dtype",
-            "f32,i64",
+            "f32,bf16,i64",
             "--iters",
             "2",
             "--warmup",
