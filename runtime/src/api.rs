@@ -385,6 +385,36 @@ impl<T: Element> Drop for Pending<T> {
     }
 }
 
+/// A push_pull from one vector into another; both come back from [`PendingInto::wait`].
+/// Dropping it waits for the operation.
+pub struct PendingInto<T: Element> {
+    handle: Handle,
+    bufs: Option<(Vec<T>, Vec<T>)>,
+}
+
+impl<T: Element> PendingInto<T> {
+    /// The underlying handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+    /// Wait; returns (input, output).
+    ///
+    /// # Errors
+    /// The operation's error.
+    pub fn wait(mut self) -> Result<(Vec<T>, Vec<T>)> {
+        self.handle.wait().map_err(|e| e.clone())?;
+        Ok(self.bufs.take().expect("buffers present until taken"))
+    }
+}
+
+impl<T: Element> Drop for PendingInto<T> {
+    fn drop(&mut self) {
+        if self.bufs.is_some() {
+            let _ = self.handle.wait();
+        }
+    }
+}
+
 impl Bps {
     /// Start bps with an explicit configuration.
     ///
@@ -627,6 +657,36 @@ impl Bps {
         Ok(Pending {
             handle,
             data: Some(data),
+        })
+    }
+
+    /// Sum `input` across workers into `output` (same length); `input` is left as it was.
+    ///
+    /// # Errors
+    /// As [`Bps::push_pull_raw`]; lengths that differ.
+    pub fn push_pull_into<T: Element>(
+        &self,
+        name: &str,
+        input: Vec<T>,
+        mut output: Vec<T>,
+        opts: PushPullOpts,
+    ) -> Result<PendingInto<T>> {
+        if input.len() != output.len() {
+            return Err(Error::InvalidArgument(format!(
+                "push_pull_into of {name:?}: input has {} elements, output {}",
+                input.len(),
+                output.len()
+            )));
+        }
+        let bytes = std::mem::size_of_val(input.as_slice());
+        let i = input.as_ptr() as *const u8;
+        let o = output.as_mut_ptr() as *mut u8;
+        // SAFETY: both heap buffers are owned by the returned PendingInto, which does not touch
+        // them and whose Drop waits for the operation before they can be freed.
+        let handle = unsafe { self.push_pull_raw(name, T::DTYPE, i, o, bytes, opts)? };
+        Ok(PendingInto {
+            handle,
+            bufs: Some((input, output)),
         })
     }
 

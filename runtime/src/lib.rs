@@ -9,7 +9,7 @@ pub mod node;
 pub mod proto;
 pub mod sched;
 pub mod sum;
-pub use api::{init, run_server, Bps, Element, Handle, Pending, PushPullOpts};
+pub use api::{init, run_server, Bps, Element, Handle, Pending, PendingInto, PushPullOpts};
 pub use config::{Config, Role};
 pub use dtype::DType;
 pub use error::{Error, Result};

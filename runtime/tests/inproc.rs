@@ -306,3 +306,37 @@ fn local_reduction_in_host_groups() {
         );
     }
 }
+
+#[test]
+fn push_pull_into_a_separate_output_leaves_the_input_alone() {
+    job(2, 1, &[("BYTEPS_PARTITION_BYTES", "4096")], |b| {
+        let input: Vec<f64> = (0..3000)
+            .map(|i| i as f64 * (b.rank() + 1) as f64)
+            .collect();
+        let (inp, out) = b
+            .push_pull_into(
+                "into",
+                input.clone(),
+                vec![0.0; 3000],
+                PushPullOpts::default(),
+            )
+            .unwrap()
+            .wait()
+            .unwrap();
+        assert_eq!(inp, input);
+        for (i, x) in out.iter().enumerate() {
+            assert_eq!(*x, 3.0 * i as f64);
+        }
+        let e = b
+            .push_pull_into(
+                "bad",
+                vec![1.0f32; 3],
+                vec![0.0; 4],
+                PushPullOpts::default(),
+            )
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("3 elements") && e.contains("4"), "{e}");
+    });
+}
