@@ -97,6 +97,8 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_PORT"], default: "0", allowed: "port 0..65535 (0 = any free)", doc: "data port of this process" },
     Tunable { names: &["BPS_MAX_MESSAGE_BYTES"], default: "1048576", allowed: "bytes 4096 ..= 64 MiB", doc: "largest control message accepted from a peer" },
     Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
+    Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers (0 = always sleep)" },
+    Tunable { names: &["BPS_INLINE_SUM_BYTES"], default: "65536", allowed: "bytes 0..=1 GiB", doc: "chunks up to this size are summed on the event-loop thread instead of an engine thread" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
 ];
 
@@ -247,6 +249,10 @@ pub struct Config {
     pub max_msg: usize,
     /// Whether this process hosts the scheduler.
     pub embed_scheduler: bool,
+    /// Busy-poll window of the event loop.
+    pub poll_spin: Duration,
+    /// Chunks up to this many bytes are summed inline.
+    pub inline_sum_bytes: usize,
 }
 
 fn resolve_host(h: &str, port: u16, var: &str) -> Result<SocketAddr, Error> {
@@ -425,7 +431,15 @@ impl Config {
                 && num_workers == 1
                 && num_servers == 0
                 && l.raw("BPS_EMBED_SCHEDULER").0.is_none());
+        let spin_us: u64 = l
+            .parse("BPS_POLL_SPIN_US", |v: &u64| *v <= 100_000)?
+            .unwrap_or(50);
+        let inline_sum_bytes: usize = l
+            .parse("BPS_INLINE_SUM_BYTES", |v: &usize| *v <= 1 << 30)?
+            .unwrap_or(64 << 10);
         Ok(Config {
+            poll_spin: Duration::from_micros(spin_us),
+            inline_sum_bytes,
             role,
             num_workers,
             num_servers,

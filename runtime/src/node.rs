@@ -202,6 +202,8 @@ struct Server {
     by_sum_token: HashMap<u64, u32>,
     retry: VecDeque<(u32, u32)>,
     up_retry: VecDeque<u32>,
+    /// Sums done on the event-loop thread, handled like the engines' reports.
+    inline_done: Vec<Result<u32, (u32, String)>>,
     engines: Vec<Sender<SumJob>>,
     done_rx: Receiver<Result<u32, (u32, String)>>,
 }
@@ -228,6 +230,7 @@ impl Server {
             by_sum_token: HashMap::new(),
             retry: VecDeque::new(),
             up_retry: VecDeque::new(),
+            inline_done: Vec::new(),
             engines,
             done_rx,
         }
@@ -399,6 +402,8 @@ impl Node {
 
     /// Run until shut down. Returns the error that broke the job, if one did.
     pub(crate) fn run(mut self) -> Option<Error> {
+        let spin = self.cfg.poll_spin;
+        let mut last_activity = Instant::now();
         loop {
             while let Ok(c) = self.cmds.try_recv() {
                 self.on_command(c);
@@ -409,10 +414,20 @@ impl Node {
             if self.should_exit() {
                 break;
             }
-            let timeout = self.next_timeout();
+            let mut timeout = self.next_timeout();
+            if self.has_inline_work() {
+                timeout = Duration::ZERO;
+            } else if !spin.is_zero() && last_activity.elapsed() < spin && self.in_flight() {
+                // Waiting for an answer that is probably microseconds away: a blocking wake-up
+                // costs far more (about 100 µs across cores), so poll without sleeping a moment.
+                timeout = Duration::ZERO;
+            }
             let mut events = std::mem::take(&mut self.events);
             if let Err(e) = self.net.poll(&mut events, Some(timeout)) {
                 self.fail_all(Error::Transport(e.to_string()));
+            }
+            if !events.is_empty() {
+                last_activity = Instant::now();
             }
             for ev in events.drain(..) {
                 self.on_event(ev);
@@ -425,6 +440,24 @@ impl Node {
             let _ = tx.send(());
         }
         self.broken.take()
+    }
+
+    fn has_inline_work(&self) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|s| !s.inline_done.is_empty())
+    }
+
+    /// Whether this process waits for something from a peer.
+    fn in_flight(&self) -> bool {
+        self.worker
+            .as_ref()
+            .is_some_and(|w| w.tensors.values().any(|t| t.active.is_some()))
+            || self.server.as_ref().is_some_and(|s| {
+                s.keys
+                    .iter()
+                    .any(|k| k.arrived > 0 || k.up_pending || k.sends_pending > 0)
+            })
     }
 
     fn should_exit(&mut self) -> bool {
@@ -1396,6 +1429,13 @@ impl Node {
             out: sk.sum.raw(),
             inputs,
         };
+        if sk.bytes <= self.cfg.inline_sum_bytes {
+            // Small chunks: two thread hand-offs cost more than the sum itself.
+            let r = run_sum(&job);
+            let s = self.server.as_mut().expect("server");
+            s.inline_done.push(r);
+            return;
+        }
         let e = slot as usize % s.engines.len();
         if s.engines[e].send(job).is_err() {
             self.fail_all(Error::Transport("a summation thread died".into()));
@@ -1406,7 +1446,9 @@ impl Node {
         let Some(s) = self.server.as_ref() else {
             return;
         };
-        let done: Vec<_> = s.done_rx.try_iter().collect();
+        let mut done: Vec<_> = s.done_rx.try_iter().collect();
+        let s = self.server.as_mut().expect("checked above");
+        done.append(&mut s.inline_done);
         for d in done {
             match d {
                 Ok(slot) => {
@@ -1812,21 +1854,26 @@ impl Drop for Node {
 }
 
 /// A summation thread: sums (or copies) and reports back.
+/// Sum (or copy) one round of a key.
+fn run_sum(job: &SumJob) -> Result<u32, (u32, String)> {
+    // SAFETY: every participant has pushed this round and no push of the next round can
+    // arrive before the answer of this one is sent (module docs), so the receive buffers are
+    // quiet; the sum buffer is written only here, and read by the transport only after this
+    // job reports back.
+    let (out, inputs) = unsafe {
+        (
+            job.out.view_mut(),
+            job.inputs.iter().map(|r| r.view()).collect::<Vec<_>>(),
+        )
+    };
+    sum_into(job.dtype, out, &inputs)
+        .map(|_| job.slot)
+        .map_err(|e| (job.slot, e.to_string()))
+}
+
 fn engine(rx: Receiver<SumJob>, done: Sender<Result<u32, (u32, String)>>, waker: Waker) {
     for job in rx {
-        // SAFETY: every worker has pushed this round and no push of the next round can arrive
-        // before the answer of this one is sent (module docs), so the receive buffers are
-        // quiet; the sum buffer is written only here, and read by the transport only after
-        // this job reports back.
-        let (out, inputs) = unsafe {
-            (
-                job.out.view_mut(),
-                job.inputs.iter().map(|r| r.view()).collect::<Vec<_>>(),
-            )
-        };
-        let r = sum_into(job.dtype, out, &inputs)
-            .map(|_| job.slot)
-            .map_err(|e| (job.slot, e.to_string()));
+        let r = run_sum(&job);
         if done.send(r).is_err() {
             return;
         }
