@@ -106,12 +106,12 @@ fn assert_all_right(out: &str, rows: usize) {
 
 const SIZES: &str = "0,4,6,4100,65536,1M";
 
-fn matrix(workers: u32, servers: u32) {
+fn matrix(workers: u32, servers: u32, transport: &str) {
     // 64 KiB partitions: 65536 is exactly one chunk, 1M is 16 chunks, 4100 an odd sub-chunk.
     let out = launch(
         workers,
         servers,
-        &[],
+        &["--transport", transport],
         &[
             "--sizes",
             SIZES,
@@ -131,13 +131,26 @@ fn matrix(workers: u32, servers: u32) {
     assert_all_right(&out, 12);
 }
 
+/// The whole matrix once per backend this machine runs (auto picks shm on one host).
 macro_rules! matrix_tests {
-    ($($name:ident: $w:expr, $s:expr;)*) => {$(
-        #[test]
-        fn $name() {
-            matrix($w, $s);
+    ($($name:ident: $w:expr, $s:expr;)*) => {
+        mod auto {
+            $(
+                #[test]
+                fn $name() {
+                    super::matrix($w, $s, "auto");
+                }
+            )*
         }
-    )*};
+        mod tcp {
+            $(
+                #[test]
+                fn $name() {
+                    super::matrix($w, $s, "tcp");
+                }
+            )*
+        }
+    };
 }
 
 matrix_tests! {
