@@ -41,6 +41,8 @@ pub enum FrameKind {
     Msg = 2,
     /// A one-sided write with immediate into a region the receiver announced.
     Write = 3,
+    /// Authentication: the acceptor's challenge, or the dialer's proof (see [`crate::auth`]).
+    Auth = 4,
 }
 
 impl FrameKind {
@@ -49,6 +51,7 @@ impl FrameKind {
             1 => Some(FrameKind::Hello),
             2 => Some(FrameKind::Msg),
             3 => Some(FrameKind::Write),
+            4 => Some(FrameKind::Auth),
             _ => None,
         }
     }
@@ -169,7 +172,7 @@ impl FrameHeader {
             lane: u32_at(32),
         };
         let max = match kind {
-            FrameKind::Hello => MAX_HELLO as u64,
+            FrameKind::Hello | FrameKind::Auth => MAX_HELLO as u64,
             FrameKind::Msg => max_msg as u64,
             FrameKind::Write => u64::MAX,
         };

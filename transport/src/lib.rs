@@ -40,6 +40,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod codec;
 pub mod cq;
 mod error;

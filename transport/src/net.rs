@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use mio::{Interest, Poll, Token};
 
+use crate::auth::{Secret, MAC_LEN, NONCE_LEN};
 use crate::codec::{Decoder, Encoder, FrameHeader, FrameKind, HEADER_LEN};
 use crate::shm::{ShmSegment, ShmStream, Side};
 use crate::{
@@ -59,6 +60,9 @@ pub struct NetConfig {
     pub queue_depth: usize,
     /// How long to keep redialling a peer that refuses connections.
     pub connect_timeout: Duration,
+    /// The job secret: when set, every link proves both ends hold it before anything else
+    /// is accepted (see [`crate::auth`]). Both ends must agree on having one.
+    pub secret: Option<Secret>,
 }
 
 impl NetConfig {
@@ -76,6 +80,7 @@ impl NetConfig {
             max_msg: crate::codec::DEFAULT_MAX_MESSAGE,
             queue_depth: 4096,
             connect_timeout: Duration::from_secs(30),
+            secret: None,
         }
     }
 }
@@ -191,8 +196,31 @@ enum Rx {
     },
 }
 
+/// Where a stream is in the authentication handshake.
+#[derive(Clone, Copy)]
+enum Auth {
+    /// No secret in this job, or the handshake finished.
+    Done,
+    /// Dialer: Hello sent with our nonce; waiting for the acceptor's challenge and proof.
+    AwaitChallenge { nonce_d: [u8; NONCE_LEN] },
+    /// Acceptor: challenge sent; waiting for the dialer's proof. The stream is not tied to
+    /// the peer yet.
+    AwaitProof {
+        from: PeerId,
+        lane: u32,
+        nonce_d: [u8; NONCE_LEN],
+        nonce_a: [u8; NONCE_LEN],
+    },
+}
+
+const LABEL_ACCEPTOR: &[u8] = b"bps-link-acceptor-v1";
+const LABEL_DIALER: &[u8] = b"bps-link-dialer-v1";
+
 struct Stream {
     io: Io,
+    auth: Auth,
+    /// The remote address, for logs of refused connections.
+    remote: String,
     peer: Option<PeerId>,
     lane: u32,
     kind: LinkKind,
@@ -214,6 +242,8 @@ impl Stream {
     fn new(io: Io, peer: Option<PeerId>, lane: u32, kind: LinkKind) -> Self {
         Stream {
             io,
+            auth: Auth::Done,
+            remote: String::new(),
             peer,
             lane,
             kind,
@@ -262,6 +292,16 @@ pub struct Net {
     streams: Vec<Option<Stream>>,
     free_slots: Vec<usize>,
     local: VecDeque<Event>,
+    refused: u64,
+}
+
+/// Binds a handshake proof to one link: dialer id, acceptor id, lane.
+fn link_context(dialer: PeerId, acceptor: PeerId, lane: u32) -> [u8; 12] {
+    let mut c = [0u8; 12];
+    c[0..4].copy_from_slice(&dialer.0.to_le_bytes());
+    c[4..8].copy_from_slice(&acceptor.0.to_le_bytes());
+    c[8..12].copy_from_slice(&lane.to_le_bytes());
+    c
 }
 
 impl std::fmt::Debug for Net {
@@ -274,9 +314,19 @@ impl std::fmt::Debug for Net {
     }
 }
 
-fn hello_body(me: PeerId, lane: u32, lanes: u32, shm_path: Option<&str>) -> Vec<u8> {
+fn hello_body(
+    me: PeerId,
+    lane: u32,
+    lanes: u32,
+    shm_path: Option<&str>,
+    nonce: Option<&[u8; NONCE_LEN]>,
+) -> Vec<u8> {
     let mut e = Encoder::new();
-    e.u32(me.0).u32(lane).u32(lanes).str(shm_path.unwrap_or(""));
+    e.u32(me.0)
+        .u32(lane)
+        .u32(lanes)
+        .str(shm_path.unwrap_or(""))
+        .bytes(nonce.map_or(&[][..], |n| &n[..]));
     e.finish()
 }
 
@@ -285,6 +335,7 @@ struct Hello {
     lane: u32,
     lanes: u32,
     shm_path: String,
+    nonce: Vec<u8>,
 }
 
 fn parse_hello(b: &[u8]) -> std::result::Result<Hello, crate::codec::DecodeError> {
@@ -294,6 +345,7 @@ fn parse_hello(b: &[u8]) -> std::result::Result<Hello, crate::codec::DecodeError
         lane: d.u32("hello lane")?,
         lanes: d.u32("hello lane count")?,
         shm_path: d.str("hello shm path", 1024)?.to_string(),
+        nonce: d.bytes("hello nonce", NONCE_LEN)?.to_vec(),
     };
     d.finish()?;
     Ok(h)
@@ -359,6 +411,7 @@ impl Net {
             streams: Vec::new(),
             free_slots: Vec::new(),
             local: VecDeque::new(),
+            refused: 0,
         })
     }
 
@@ -457,12 +510,20 @@ impl Net {
                         .map_err(|e| Error::io("register stream", e))?;
                     let mut st = Stream::new(Io::Tcp(s), Some(peer), lane, LinkKind::Tcp);
                     st.connecting = true;
-                    let body = hello_body(me, lane, lanes, None);
+                    st.remote = addr.tcp.to_string();
+                    let nonce = self.cfg.secret.as_ref().map(|_| crate::auth::nonce());
+                    let body = hello_body(me, lane, lanes, None, nonce.as_ref());
                     st.tx
                         .push_back(frame_op(FrameKind::Hello, 0, lane, Body::Owned(body), None));
-                    let p = self.peers.get_mut(&peer).expect("peer exists");
-                    if let Some(early) = p.early.get_mut(lane as usize) {
-                        st.tx.extend(early.drain(..));
+                    match nonce {
+                        // Nothing but the Hello goes out before the peer proved itself.
+                        Some(nonce_d) => st.auth = Auth::AwaitChallenge { nonce_d },
+                        None => {
+                            let p = self.peers.get_mut(&peer).expect("peer exists");
+                            if let Some(early) = p.early.get_mut(lane as usize) {
+                                st.tx.extend(early.drain(..));
+                            }
+                        }
                     }
                     let got = self.slot_insert(st);
                     debug_assert_eq!(got, slot);
@@ -489,7 +550,8 @@ impl Net {
                 };
                 // The Hello goes on the socket itself, before the rings are used; the socket is
                 // fresh, so its send buffer takes these few bytes at once.
-                let body = hello_body(me, 0, 1, Some(&seg_path.to_string_lossy()));
+                let nonce = self.cfg.secret.as_ref().map(|_| crate::auth::nonce());
+                let body = hello_body(me, 0, 1, Some(&seg_path.to_string_lossy()), nonce.as_ref());
                 let hdr = FrameHeader {
                     kind: FrameKind::Hello,
                     imm: 0,
@@ -516,16 +578,25 @@ impl Net {
                     .register(stream.doorbell_mut(), Token(slot), Interest::READABLE)
                     .map_err(|e| Error::io("register doorbell", e))?;
                 let mut st = Stream::new(Io::Shm(stream), Some(peer), 0, LinkKind::Shm);
-                let p = self.peers.get_mut(&peer).expect("peer exists");
-                if let Some(early) = p.early.get_mut(0) {
-                    st.tx.extend(early.drain(..));
+                st.remote = path.display().to_string();
+                match nonce {
+                    Some(nonce_d) => st.auth = Auth::AwaitChallenge { nonce_d },
+                    None => {
+                        let p = self.peers.get_mut(&peer).expect("peer exists");
+                        if let Some(early) = p.early.get_mut(0) {
+                            st.tx.extend(early.drain(..));
+                        }
+                    }
                 }
+                let authed = matches!(st.auth, Auth::Done);
                 let got = self.slot_insert(st);
                 debug_assert_eq!(got, slot);
                 let p = self.peers.get_mut(&peer).expect("peer exists");
                 p.lanes[0] = Some(slot);
-                p.up[0] = true;
-                self.check_connected(peer);
+                if authed {
+                    p.up[0] = true;
+                    self.check_connected(peer);
+                }
                 self.flush(slot);
                 // Read once: an empty ring arms "reader waiting", so the peer rings the doorbell
                 // when it writes. Without it the first frames would wait for an unrelated wake-up.
@@ -661,7 +732,7 @@ impl Net {
     fn accept_tcp(&mut self) {
         loop {
             match self.listener.accept() {
-                Ok((mut s, _)) => {
+                Ok((mut s, remote)) => {
                     let _ = s.set_nodelay(true);
                     let slot = self
                         .free_slots
@@ -676,7 +747,9 @@ impl Net {
                     {
                         continue;
                     }
-                    let got = self.slot_insert(Stream::new(Io::Tcp(s), None, 0, LinkKind::Tcp));
+                    let mut st = Stream::new(Io::Tcp(s), None, 0, LinkKind::Tcp);
+                    st.remote = remote.to_string();
+                    let got = self.slot_insert(st);
                     debug_assert_eq!(got, slot);
                     self.read(slot);
                 }
@@ -744,12 +817,48 @@ impl Net {
                 h.from, h.lane, h.lanes, expected_lanes
             ));
         }
+        match (&self.cfg.secret, h.nonce.len()) {
+            (Some(_), NONCE_LEN) | (None, 0) => {}
+            (Some(_), _) => {
+                self.refused += 1;
+                let remote = self.streams[slot].as_ref().map(|s| s.remote.clone());
+                tracing::warn!(
+                    "refused a connection from {} claiming to be peer {}: no credentials",
+                    remote.unwrap_or_default(),
+                    h.from
+                );
+                return Err(format!(
+                    "peer {} presented no credentials: it does not hold this job's secret (BPS_JOB_SECRET)",
+                    h.from
+                ));
+            }
+            (None, _) => {
+                return Err(format!(
+                    "peer {} authenticates but this process has no BPS_JOB_SECRET: set the same secret on every process",
+                    h.from
+                ))
+            }
+        }
         if let Io::UnixHello(_) = st.io {
             if h.shm_path.is_empty() {
                 return Err("shm hello without a segment path".into());
             }
-            let seg =
-                ShmSegment::open(std::path::Path::new(&h.shm_path)).map_err(|e| e.to_string())?;
+            // Only a segment of ours: a file named by us, in our shm directory.
+            let path = std::path::Path::new(&h.shm_path);
+            let ok = path.parent() == Some(self.cfg.shm_dir.as_path())
+                && path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("bps-shm-"))
+                && std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+            if !ok {
+                return Err(format!(
+                    "shm hello names {:?}, not a bps segment in {}",
+                    h.shm_path,
+                    self.cfg.shm_dir.display()
+                ));
+            }
+            let seg = ShmSegment::open(path).map_err(|e| e.to_string())?;
             let _ = seg.unlink();
             let Io::UnixHello(sock) = std::mem::replace(&mut st.io, Io::Swapping) else {
                 unreachable!("checked above")
@@ -777,19 +886,142 @@ impl Net {
                 return Err(format!("peer {} opened lane {} twice", h.from, h.lane));
             }
         }
+        if let Some(secret) = &self.cfg.secret {
+            // Challenge: our nonce and our proof; the stream stays anonymous until the dialer's
+            // proof checks out.
+            let mut nonce_d = [0u8; NONCE_LEN];
+            nonce_d.copy_from_slice(&h.nonce);
+            let nonce_a = crate::auth::nonce();
+            let ctx = link_context(h.from, self.cfg.me, h.lane);
+            let proof = secret.prove(LABEL_ACCEPTOR, &[&nonce_d, &nonce_a, &ctx]);
+            let mut e = Encoder::new();
+            e.bytes(&nonce_a).bytes(&proof);
+            let st = self.streams[slot].as_mut().expect("slot live");
+            st.tx.push_back(frame_op(
+                FrameKind::Auth,
+                0,
+                h.lane,
+                Body::Owned(e.finish()),
+                None,
+            ));
+            st.auth = Auth::AwaitProof {
+                from: h.from,
+                lane: h.lane,
+                nonce_d,
+                nonce_a,
+            };
+            self.flush(slot);
+            return Ok(());
+        }
+        self.attach(slot, h.from, h.lane, kind);
+        Ok(())
+    }
+
+    /// Tie an accepted (and, with a secret, authenticated) stream to its peer's lane.
+    fn attach(&mut self, slot: usize, from: PeerId, lane: u32, kind: LinkKind) {
         let st = self.streams[slot].as_mut().expect("slot live");
-        st.peer = Some(h.from);
-        st.lane = h.lane;
-        let p = self.peer_entry(h.from, kind);
-        p.lanes[h.lane as usize] = Some(slot);
-        p.up[h.lane as usize] = true;
-        let early: Vec<TxOp> = p.early[h.lane as usize].drain(..).collect();
+        st.peer = Some(from);
+        st.lane = lane;
+        st.auth = Auth::Done;
+        let p = self.peer_entry(from, kind);
+        p.lanes[lane as usize] = Some(slot);
+        p.up[lane as usize] = true;
+        let early: Vec<TxOp> = p.early[lane as usize].drain(..).collect();
         let st = self.streams[slot].as_mut().expect("slot live");
         st.tx.extend(early);
-        let peer = h.from;
-        self.check_connected(peer);
+        self.check_connected(from);
         self.flush(slot);
-        Ok(())
+    }
+
+    /// An Auth frame: the acceptor's challenge (at the dialer) or the dialer's proof (at the
+    /// acceptor).
+    fn on_auth(&mut self, slot: usize, body: &[u8]) -> std::result::Result<(), String> {
+        let Some(secret) = self.cfg.secret.clone() else {
+            return Err("authentication frame, but this job has no secret".into());
+        };
+        let me = self.cfg.me;
+        let st = self.streams[slot].as_mut().expect("slot live");
+        let (kind, remote) = (st.kind, st.remote.clone());
+        match st.auth {
+            Auth::AwaitChallenge { nonce_d } => {
+                let peer = st.peer.expect("dialled streams know their peer");
+                let lane = st.lane;
+                let mut d = Decoder::new(body);
+                let nonce_a = d
+                    .bytes("challenge nonce", NONCE_LEN)
+                    .map_err(|e| e.to_string())?;
+                let proof = d
+                    .bytes("challenge proof", MAC_LEN)
+                    .map_err(|e| e.to_string())?;
+                d.finish().map_err(|e| e.to_string())?;
+                let ctx = link_context(me, peer, lane);
+                if nonce_a.len() != NONCE_LEN
+                    || !secret.verify(LABEL_ACCEPTOR, &[&nonce_d, nonce_a, &ctx], proof)
+                {
+                    self.refused += 1;
+                    tracing::warn!(
+                        "refused peer {peer} at {remote}: it does not hold this job's secret"
+                    );
+                    return Err(format!(
+                        "authentication failed: peer {peer} at {remote} does not hold this job's secret (BPS_JOB_SECRET)"
+                    ));
+                }
+                let mine = secret.prove(LABEL_DIALER, &[&nonce_d, nonce_a, &ctx]);
+                let mut e = Encoder::new();
+                e.bytes(&mine);
+                st.tx.push_back(frame_op(
+                    FrameKind::Auth,
+                    0,
+                    lane,
+                    Body::Owned(e.finish()),
+                    None,
+                ));
+                st.auth = Auth::Done;
+                let connected = !st.connecting;
+                let p = self.peers.get_mut(&peer).expect("peer exists");
+                let early: Vec<TxOp> = p
+                    .early
+                    .get_mut(lane as usize)
+                    .map(|q| q.drain(..).collect())
+                    .unwrap_or_default();
+                if connected {
+                    p.up[lane as usize] = true;
+                }
+                let st = self.streams[slot].as_mut().expect("slot live");
+                st.tx.extend(early);
+                if connected {
+                    self.check_connected(peer);
+                }
+                self.flush(slot);
+                Ok(())
+            }
+            Auth::AwaitProof {
+                from,
+                lane,
+                nonce_d,
+                nonce_a,
+            } => {
+                let mut d = Decoder::new(body);
+                let proof = d.bytes("proof", MAC_LEN).map_err(|e| e.to_string())?;
+                d.finish().map_err(|e| e.to_string())?;
+                let ctx = link_context(from, me, lane);
+                if !secret.verify(LABEL_DIALER, &[&nonce_d, &nonce_a, &ctx], proof) {
+                    self.refused += 1;
+                    tracing::warn!(
+                        "refused a connection from {remote} claiming to be peer {from}: it does not hold this job's secret"
+                    );
+                    return Err("authentication failed".into());
+                }
+                self.attach(slot, from, lane, kind);
+                Ok(())
+            }
+            Auth::Done => Err("unexpected authentication frame".into()),
+        }
+    }
+
+    /// Connections refused because the peer could not prove it holds the job secret.
+    pub fn refused_connections(&self) -> u64 {
+        self.refused
     }
 
     /// Read everything available on a stream.
@@ -820,12 +1052,22 @@ impl Net {
                                 return;
                             }
                         };
-                        if st.peer.is_none() && hdr.kind != FrameKind::Hello {
+                        let anonymous =
+                            st.peer.is_none() && !matches!(st.auth, Auth::AwaitProof { .. });
+                        if anonymous && hdr.kind != FrameKind::Hello {
                             self.protocol_error(slot, "first frame is not a hello".into());
                             return;
                         }
+                        // Until the handshake is over, only handshake frames are accepted.
+                        if !matches!(st.auth, Auth::Done) && hdr.kind != FrameKind::Auth {
+                            self.protocol_error(
+                                slot,
+                                format!("{:?} frame before authentication", hdr.kind),
+                            );
+                            return;
+                        }
                         match hdr.kind {
-                            FrameKind::Hello | FrameKind::Msg => {
+                            FrameKind::Hello | FrameKind::Msg | FrameKind::Auth => {
                                 st.rx = Rx::Msg {
                                     hdr,
                                     buf: Vec::with_capacity(hdr.len as usize),
@@ -909,6 +1151,11 @@ impl Net {
                         };
                         if hdr.kind == FrameKind::Hello {
                             if let Err(reason) = self.on_hello(slot, &buf) {
+                                self.protocol_error(slot, reason);
+                                return;
+                            }
+                        } else if hdr.kind == FrameKind::Auth {
+                            if let Err(reason) = self.on_auth(slot, &buf) {
                                 self.protocol_error(slot, reason);
                                 return;
                             }
@@ -1122,7 +1369,13 @@ impl Net {
         }
         let nl = p.lanes.len().max(1);
         let lane = lane as usize % nl;
-        match p.lanes.get(lane).copied().flatten() {
+        let ready = p.lanes.get(lane).copied().flatten().filter(|slot| {
+            matches!(
+                self.streams[*slot].as_ref().map(|s| s.auth),
+                Some(Auth::Done)
+            )
+        });
+        match ready {
             Some(slot) => {
                 let st = self.streams[slot].as_mut().expect("lane slot live");
                 if st.tx.len() >= depth {
@@ -1405,7 +1658,8 @@ impl Transport for Net {
                                 (None, Ok(_)) => {
                                     st.connecting = false;
                                     let (peer, lane) = (st.peer, st.lane);
-                                    if let Some(peer) = peer {
+                                    let authed = matches!(st.auth, Auth::Done);
+                                    if let Some(peer) = peer.filter(|_| authed) {
                                         if let Some(p) = self.peers.get_mut(&peer) {
                                             p.up[lane as usize] = true;
                                         }

@@ -96,14 +96,21 @@ enum Backend {
     Tcp,
     Shm,
     Loopback,
+    /// tcp with the job secret: every link authenticates first.
+    TcpAuth,
+    /// shm with the job secret.
+    ShmAuth,
 }
+
+/// The secret of the authenticated instantiations.
+const SECRET: &[u8] = b"conformance-job-secret";
 
 impl Backend {
     /// The link kind `link_kind` and `Event::Connected` must report.
     fn link(self) -> LinkKind {
         match self {
-            Backend::Tcp => LinkKind::Tcp,
-            Backend::Shm => LinkKind::Shm,
+            Backend::Tcp | Backend::TcpAuth => LinkKind::Tcp,
+            Backend::Shm | Backend::ShmAuth => LinkKind::Shm,
             Backend::Loopback => LinkKind::Loopback,
         }
     }
@@ -111,8 +118,8 @@ impl Backend {
     /// `NetConfig::force` for this backend (loopback is chosen for `peer == me` whatever it is).
     fn force(self) -> Option<LinkKind> {
         match self {
-            Backend::Tcp => Some(LinkKind::Tcp),
-            Backend::Shm => Some(LinkKind::Shm),
+            Backend::Tcp | Backend::TcpAuth => Some(LinkKind::Tcp),
+            Backend::Shm | Backend::ShmAuth => Some(LinkKind::Shm),
             Backend::Loopback => None,
         }
     }
@@ -120,8 +127,8 @@ impl Backend {
     /// Whether this machine can run it; prints why not.
     fn available(self) -> bool {
         let ok = match self {
-            Backend::Shm => std::path::Path::new("/dev/shm").is_dir(),
-            Backend::Tcp | Backend::Loopback => true,
+            Backend::Shm | Backend::ShmAuth => std::path::Path::new("/dev/shm").is_dir(),
+            Backend::Tcp | Backend::TcpAuth | Backend::Loopback => true,
         };
         if !ok {
             eprintln!("skipped: backend {self:?} cannot run on this machine (no /dev/shm)");
@@ -156,6 +163,9 @@ fn config(backend: Backend, me: PeerId, opts: Opts) -> NetConfig {
     c.queue_depth = opts.queue_depth;
     c.max_msg = opts.max_msg;
     c.connect_timeout = Duration::from_secs(5);
+    if matches!(backend, Backend::TcpAuth | Backend::ShmAuth) {
+        c.secret = bps_transport::auth::Secret::new(SECRET.to_vec());
+    }
     c
 }
 
@@ -623,6 +633,40 @@ instantiate!(tcp = crate::Backend::Tcp;
 );
 
 instantiate!(shm = crate::Backend::Shm;
+    connect_reports_kind,
+    messages,
+    send_before_connected,
+    unknown_peer,
+    write_imm,
+    send_then_write_in_order,
+    local_write_errors,
+    remote_bad_destination,
+    back_pressure,
+    peer_loss,
+    deregister,
+    deregister_discards_partly_received_write,
+    deregister_discards_write_already_sent,
+);
+
+// The whole suite again with authentication on every link.
+instantiate!(tcp_auth = crate::Backend::TcpAuth;
+    connect_reports_kind,
+    messages,
+    send_before_connected,
+    unknown_peer,
+    write_imm,
+    send_then_write_in_order,
+    local_write_errors,
+    remote_bad_destination,
+    back_pressure,
+    peer_loss,
+    deregister,
+    deregister_discards_partly_received_write,
+    deregister_discards_write_already_sent,
+    many_lanes,
+);
+
+instantiate!(shm_auth = crate::Backend::ShmAuth;
     connect_reports_kind,
     messages,
     send_before_connected,
@@ -1745,5 +1789,129 @@ mod api {
             "the waker did not end poll ({took:?})"
         );
         assert!(ev.is_empty(), "a wake-up is not an event: {ev:?}");
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Authentication.
+
+mod auth {
+    use super::*;
+    use bps_transport::auth::Secret;
+
+    fn net(backend: Backend, me: PeerId, secret: Option<&[u8]>) -> Net {
+        let mut c = config(backend, me, Opts::default());
+        c.secret = secret.and_then(|s| Secret::new(s.to_vec()));
+        Net::bind(c).expect("bind")
+    }
+
+    /// The dialer (0) and acceptor (1) disagree on the secret: neither side gets a link, both
+    /// report the peer lost, the acceptor counts a refused connection, and no message gets
+    /// through.
+    fn refused(backend: Backend, dialer: Option<&[u8]>, acceptor: Option<&[u8]>) {
+        if !backend.available() {
+            return;
+        }
+        let a = net(backend, P0, dialer);
+        let b = net(backend, P1, acceptor);
+        let mut p = Pair::with_nets(backend, a, Some(b));
+        // queued before the handshake: must never be delivered
+        p.send(0, b"must not arrive");
+        let why = p.wait(Side::Tx, "PeerLost on the dialer", |e| match e {
+            Event::PeerLost { peer, error } if *peer == P1 => Some(error.to_string()),
+            _ => None,
+        });
+        assert!(why.contains("lost"), "{why}");
+        p.pump_for(Duration::from_millis(200));
+        assert!(
+            !p.saw(Side::Rx, is_msg),
+            "a message crossed an unauthenticated link"
+        );
+        assert!(
+            !p.saw(Side::Rx, |e| matches!(e, Event::Connected { .. })),
+            "the acceptor reported a link it never authenticated"
+        );
+        // Whichever side found the other without the secret counts the refusal.
+        let refused = p.tx().refused_connections() + p.rx().refused_connections();
+        if acceptor.is_some() {
+            assert!(refused >= 1, "refusal not counted");
+        }
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_tcp() {
+        refused(Backend::Tcp, Some(b"job-a"), Some(b"job-b"));
+    }
+
+    #[test]
+    fn wrong_secret_is_refused_shm() {
+        refused(Backend::Shm, Some(b"job-a"), Some(b"job-b"));
+    }
+
+    #[test]
+    fn missing_secret_is_refused_tcp() {
+        refused(Backend::Tcp, None, Some(b"job-b"));
+    }
+
+    #[test]
+    fn missing_secret_is_refused_shm() {
+        refused(Backend::Shm, None, Some(b"job-b"));
+    }
+
+    #[test]
+    fn acceptor_without_secret_refuses_an_authenticating_dialer() {
+        refused(Backend::Tcp, Some(b"job-a"), None);
+    }
+
+    /// A raw client that speaks the wire format but holds no secret: its Hello is answered with
+    /// a challenge it cannot meet, and anything else it sends closes the connection.
+    #[test]
+    fn raw_client_without_secret_gets_nothing() {
+        use std::io::{Read, Write};
+        let mut target = net(Backend::Tcp, P1, Some(SECRET));
+        let addr = target.local_addr().tcp;
+        let mut tried = 0;
+        let mut closed = 0;
+        for attempt in 0..20u32 {
+            tried += 1;
+            let mut s = std::net::TcpStream::connect(addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            // A Hello without a nonce, then a message.
+            let mut e = bps_transport::codec::Encoder::new();
+            e.u32(7 + attempt).u32(0).u32(2).str("").bytes(&[]);
+            let body = e.finish();
+            let hdr = bps_transport::codec::FrameHeader {
+                kind: bps_transport::codec::FrameKind::Hello,
+                imm: 0,
+                len: body.len() as u64,
+                token: 0,
+                offset: 0,
+                lane: 0,
+            };
+            let _ = s.write_all(&hdr.encode());
+            let _ = s.write_all(&body);
+            let mut ev = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut buf = [0u8; 64];
+            loop {
+                target.poll(&mut ev, Some(POLL_SLICE)).unwrap();
+                assert!(
+                    !ev.iter()
+                        .any(|e| matches!(e, Event::Connected { .. } | Event::Message { .. })),
+                    "an unauthenticated client got a link"
+                );
+                match s.read(&mut buf) {
+                    Ok(0) => {
+                        closed += 1;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {}
+                }
+                assert!(Instant::now() < deadline, "connection not closed");
+            }
+        }
+        assert_eq!(closed, tried);
+        assert_eq!(target.refused_connections(), tried as u64);
     }
 }

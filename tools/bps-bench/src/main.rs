@@ -3,7 +3,21 @@
 //!
 //! Under `bps-launch`, or with BytePS / torchrun variables set, it joins that job. Without
 //! them it starts a local cluster by itself (through `bps-launch`, found next to this binary).
-#![forbid(unsafe_code)]
+//!
+//! Also: `--plot FILE.svg` (busbw against size), `--compare A.json B.json` (two `--json`
+//! results side by side, no cluster), `raw` (the transport alone between two processes:
+//! throughput and ping-pong) and `info` (version, machine, transports, tunables).
+//!
+//! `unsafe` is denied everywhere but in `regmem`, which owns the memory `raw` registers with the
+//! transport (`Transport::register` is an `unsafe fn`; see that module).
+#![deny(unsafe_code)]
+
+mod plot;
+mod progress;
+mod raw;
+#[allow(unsafe_code)]
+mod regmem;
+mod sysinfo;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -24,8 +38,11 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// bps version, transports, tunables with their values and sources.
+    /// bps version, the machine, transports, tunables with their values and sources.
     Info,
+    /// The transport alone between two processes of this machine (no scheduler, servers or
+    /// runtime): write throughput per size, or message round trips with --pingpong.
+    Raw(raw::RawArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -66,6 +83,13 @@ struct RunArgs {
     /// Write the rows and the configuration as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Draw busbw (GB/s) against size, one line per dtype, into an SVG file (with --compare:
+    /// both runs).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
+    /// Compare two --json results (size, A busbw, B busbw, B/A); needs no cluster.
+    #[arg(long, num_args = 2, value_names = ["A.json", "B.json"])]
+    compare: Option<Vec<std::path::PathBuf>>,
     /// BYTEPS_PARTITION_BYTES for this run.
     #[arg(long)]
     partition_bytes: Option<String>,
@@ -222,7 +246,7 @@ fn human(b: usize) -> String {
     }
 }
 
-fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
+fn run(bps: &Bps, args: &RunArgs, progress: &mut progress::Progress) -> Result<Vec<Row>, String> {
     let sizes = parse_sizes(&args.sizes)?;
     let dtypes = parse_dtypes(&args.dtype)?;
     let n = bps.size();
@@ -236,6 +260,7 @@ fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
     for &dtype in &dtypes {
         for &size in &sizes {
             let bytes = size / dtype.size() * dtype.size();
+            progress.begin(&format!("{} {}", dtype.name(), human(bytes)));
             let mut times = Vec::new();
             let mut wrong = 0u64;
             bps.barrier().map_err(|e| e.to_string())?;
@@ -322,6 +347,7 @@ fn run(bps: &Bps, args: &RunArgs) -> Result<Vec<Row>, String> {
                 busbw: algbw * factor,
                 wrong,
             });
+            progress.tick();
         }
     }
     Ok(rows)
@@ -378,12 +404,13 @@ fn write_json(
                    "algbw_gbs": r.algbw, "busbw_gbs": r.busbw, "wrong": r.wrong})
         })
         .collect();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let cfg = bps.config();
     let doc = json!({
         "version": env!("CARGO_PKG_VERSION"),
-        "commit": option_env!("BPS_GIT_COMMIT").unwrap_or("unknown"),
-        "host": host.trim(),
+        "commit": sysinfo::commit(),
+        "date": sysinfo::now_rfc3339(),
+        "host": sysinfo::hostname(),
+        "machine": sysinfo::machine_json(),
         "op": format!("{:?}", args.op),
         "workers": bps.size(),
         "servers": bps.num_servers(),
@@ -397,6 +424,27 @@ fn write_json(
         "rows": rows,
     });
     std::fs::write(path, serde_json::to_string_pretty(&doc).unwrap_or_default())
+}
+
+/// `--plot` of a run: one line per dtype.
+fn plot_rows(path: &std::path::Path, rows: &[Row], args: &RunArgs, n: u32) -> Result<(), String> {
+    let mut series: Vec<plot::Series> = Vec::new();
+    for r in rows {
+        let name = r.dtype.name().to_string();
+        let point = (r.bytes as f64, r.busbw);
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push(point),
+            None => series.push(plot::Series {
+                name,
+                points: vec![point],
+            }),
+        }
+    }
+    let title = format!(
+        "bps-bench {:?}: {n} workers, {} tensor(s) in flight",
+        args.op, args.tensors
+    );
+    plot::draw(path, &title, &series)
 }
 
 fn in_job() -> bool {
@@ -423,6 +471,11 @@ fn local_cluster(args: &RunArgs) -> ExitCode {
         return ExitCode::from(1);
     }
     let mut cmd = std::process::Command::new(launcher);
+    // Rank 0's stderr will be a pipe of bps-launch: this process draws its progress bar.
+    let bar = progress::Host::start();
+    if let Some(h) = &bar {
+        cmd.env(progress::ENV, h.path());
+    }
     cmd.arg("--workers")
         .arg(args.workers.to_string())
         .arg("--servers")
@@ -442,13 +495,31 @@ fn local_cluster(args: &RunArgs) -> ExitCode {
 
 fn info() -> ExitCode {
     println!("bps {} (bps-bench)", env!("CARGO_PKG_VERSION"));
+    println!("commit: {}", sysinfo::commit());
+    println!("machine:");
+    println!("  cpu: {}", sysinfo::cpu_model());
+    let (usable, online) = sysinfo::cores();
+    println!("  cores: {usable} usable by this process, {online} online");
+    match sysinfo::memory() {
+        Some((total, avail)) => println!(
+            "  memory: {:.1} GiB total, {:.1} GiB available",
+            total as f64 / (1u64 << 30) as f64,
+            avail as f64 / (1u64 << 30) as f64
+        ),
+        None => println!("  memory: unknown (no /proc/meminfo)"),
+    }
+    let shm_ok = sysinfo::shm_writable();
+    match &shm_ok {
+        Ok(()) => println!("  /dev/shm: writable"),
+        Err(e) => println!("  /dev/shm: NOT writable ({e})"),
+    }
     println!("transports:");
     println!("  tcp: available");
-    let shm = std::path::Path::new("/dev/shm");
-    if shm.is_dir() {
-        println!("  shm: available (segments in /dev/shm; used between processes of one host)");
-    } else {
-        println!("  shm: unavailable (no /dev/shm)");
+    match &shm_ok {
+        Ok(()) => {
+            println!("  shm: available (segments in /dev/shm; used between processes of one host)")
+        }
+        Err(e) => println!("  shm: unavailable (/dev/shm: {e})"),
     }
     println!("  loopback: available (a process talking to itself)");
     println!("  rdma: unavailable (this build has no RDMA backend)");
@@ -480,10 +551,21 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .try_init();
     let cli = Cli::parse();
-    if let Some(Cmd::Info) = cli.cmd {
-        return info();
+    match cli.cmd {
+        Some(Cmd::Info) => return info(),
+        Some(Cmd::Raw(a)) => return raw::main(a),
+        None => {}
     }
     let args = cli.run;
+    if let Some(files) = &args.compare {
+        return match plot::compare(&files[0], &files[1], args.plot.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bps-bench: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Err(e) = parse_sizes(&args.sizes).and(parse_dtypes(&args.dtype)) {
         eprintln!("bps-bench: {e}");
         return ExitCode::from(2);
@@ -546,7 +628,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let res = run(&bps, &args);
+    let steps = (parse_sizes(&args.sizes).map_or(0, |v| v.len())
+        * parse_dtypes(&args.dtype).map_or(0, |v| v.len())) as u64;
+    let mut bar = progress::Progress::start(bps.rank(), steps);
+    let res = run(&bps, &args, &mut bar);
+    // Gone from the terminal before anything is printed.
+    bar.finish();
     if args.show_links {
         let links: Vec<String> = bps
             .links()
@@ -563,6 +650,11 @@ fn main() -> ExitCode {
                 if let Some(p) = &args.json {
                     if let Err(e) = write_json(p, rows, &args, &bps) {
                         eprintln!("bps-bench: cannot write {}: {e}", p.display());
+                    }
+                }
+                if let Some(p) = &args.plot {
+                    if let Err(e) = plot_rows(p, rows, &args, bps.size()) {
+                        eprintln!("bps-bench: {e}");
                     }
                 }
             }
