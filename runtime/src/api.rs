@@ -125,6 +125,15 @@ pub fn run_server(mut cfg: Config) -> Result<()> {
     }
 }
 
+fn read_until_not_heartbeat(s: &mut TcpStream) -> std::io::Result<Msg> {
+    loop {
+        match read_msg(s)? {
+            Msg::Heartbeat => continue,
+            m => return Ok(m),
+        }
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -139,6 +148,14 @@ fn start(cfg: Config) -> Result<Inner> {
         None
     };
     let mut stream = sched::connect(cfg.scheduler, deadline)?;
+    let _ = stream.set_read_timeout(Some(cfg.timeout));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+    sched::authenticate_to_scheduler(&mut stream, cfg.secret.as_ref()).map_err(|reason| {
+        Error::Rendezvous {
+            addr: cfg.scheduler.to_string(),
+            reason,
+        }
+    })?;
     let sched_addr = cfg.scheduler.to_string();
     let rv = |reason: String| Error::Rendezvous {
         addr: sched_addr.clone(),
@@ -158,6 +175,7 @@ fn start(cfg: Config) -> Result<Inner> {
     ncfg.ring_bytes = cfg.ring_bytes;
     ncfg.max_msg = cfg.max_msg;
     ncfg.connect_timeout = cfg.timeout;
+    ncfg.secret = cfg.secret.clone();
     if cfg.transport == Some(LinkKind::Rdma) {
         return Err(Error::Config {
             var: "BPS_TRANSPORT".into(),
@@ -200,7 +218,7 @@ fn start(cfg: Config) -> Result<Inner> {
     stream
         .set_read_timeout(Some(wait))
         .map_err(|e| rv(e.to_string()))?;
-    let welcome = match read_msg(&mut stream) {
+    let welcome = match read_until_not_heartbeat(&mut stream) {
         Ok(m) => m,
         Err(e)
             if matches!(
@@ -214,8 +232,10 @@ fn start(cfg: Config) -> Result<Inner> {
         }
         Err(e) => return Err(rv(format!("waiting for the address book: {e}"))),
     };
+    // From now on the scheduler sends heartbeats: a silent scheduler for the whole timeout is
+    // a lost one (the reader thread's reads time out).
     stream
-        .set_read_timeout(None)
+        .set_read_timeout(Some(cfg.timeout))
         .map_err(|e| rv(e.to_string()))?;
     let (rank, me, num_workers, num_servers, local_size, partition_bytes, book) = match welcome {
         Msg::Welcome {
@@ -289,10 +309,12 @@ fn start(cfg: Config) -> Result<Inner> {
     let mut reader_stream = stream.try_clone().map_err(|e| rv(e.to_string()))?;
     let reader_tx = tx.clone();
     let reader_waker = waker.clone();
+    let reader_timeout = cfg.timeout;
     let reader = std::thread::Builder::new()
         .name("bps-sched-reader".into())
         .spawn(move || loop {
             match read_msg(&mut reader_stream) {
+                Ok(Msg::Heartbeat) => {}
                 Ok(m) => {
                     let end = matches!(m, Msg::Terminate);
                     if reader_tx.send(Command::Sched(m)).is_err() {
@@ -304,7 +326,15 @@ fn start(cfg: Config) -> Result<Inner> {
                     }
                 }
                 Err(e) => {
-                    let _ = reader_tx.send(Command::SchedLost(e.to_string()));
+                    let why = if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) {
+                        format!("silent for {reader_timeout:?} (no heartbeat)")
+                    } else {
+                        e.to_string()
+                    };
+                    let _ = reader_tx.send(Command::SchedLost(why));
                     reader_waker.wake();
                     return;
                 }

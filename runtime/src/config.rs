@@ -99,6 +99,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
     Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers (0 = always sleep)" },
     Tunable { names: &["BPS_INLINE_SUM_BYTES"], default: "65536", allowed: "bytes 0..=1 GiB", doc: "chunks up to this size are summed on the event-loop thread instead of an engine thread" },
+    Tunable { names: &["BPS_JOB_SECRET"], default: "", allowed: "any non-empty string (bps-launch generates one per job)", doc: "job secret: every connection proves it holds it (HMAC challenge-response) before anything else is accepted; unset = no authentication. Never printed" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
 ];
 
@@ -253,6 +254,8 @@ pub struct Config {
     pub poll_spin: Duration,
     /// Chunks up to this many bytes are summed inline.
     pub inline_sum_bytes: usize,
+    /// The job secret (BPS_JOB_SECRET); `None`: connections are not authenticated.
+    pub secret: Option<bps_transport::auth::Secret>,
 }
 
 fn resolve_host(h: &str, port: u16, var: &str) -> Result<SocketAddr, Error> {
@@ -437,7 +440,12 @@ impl Config {
         let inline_sum_bytes: usize = l
             .parse("BPS_INLINE_SUM_BYTES", |v: &usize| *v <= 1 << 30)?
             .unwrap_or(64 << 10);
+        let secret = l
+            .raw("BPS_JOB_SECRET")
+            .0
+            .and_then(|(v, _)| bps_transport::auth::Secret::new(v.into_bytes()));
         Ok(Config {
+            secret,
             poll_spin: Duration::from_micros(spin_us),
             inline_sum_bytes,
             role,
@@ -467,6 +475,12 @@ impl Config {
             .iter()
             .map(|t| {
                 let (v, s) = l.value(t.names[0]);
+                // The job secret is never shown.
+                let v = if t.names[0] == "BPS_JOB_SECRET" && !v.is_empty() {
+                    "(set, hidden)".to_string()
+                } else {
+                    v
+                };
                 (t, v, s)
             })
             .collect()
@@ -553,6 +567,18 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("BYTEPS_LOCAL_RANK"), "{e}");
+    }
+
+    #[test]
+    fn the_secret_is_read_and_never_shown() {
+        let c = cfg(&[("BPS_JOB_SECRET", "hunter2")]).unwrap();
+        assert!(c.secret.is_some());
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let m: HashMap<String, String> =
+            [("BPS_JOB_SECRET".to_string(), "hunter2".to_string())].into();
+        let d = Config::describe(&Lookup::map(&m));
+        assert!(d.iter().all(|(_, v, _)| !v.contains("hunter2")));
+        assert!(cfg(&[]).unwrap().secret.is_none());
     }
 
     #[test]

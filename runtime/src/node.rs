@@ -404,7 +404,12 @@ impl Node {
     pub(crate) fn run(mut self) -> Option<Error> {
         let spin = self.cfg.poll_spin;
         let mut last_activity = Instant::now();
+        let mut last_heartbeat = Instant::now();
         loop {
+            if last_heartbeat.elapsed() >= self.cfg.timeout / 4 && !self.terminated {
+                last_heartbeat = Instant::now();
+                self.send_sched(&Msg::Heartbeat);
+            }
             while let Ok(c) = self.cmds.try_recv() {
                 self.on_command(c);
             }

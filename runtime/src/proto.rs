@@ -140,6 +140,25 @@ pub enum Msg {
         /// Who it was and what happened.
         reason: String,
     },
+    /// node → scheduler, first message: the node's nonce (empty without a job secret).
+    AuthHello {
+        /// Random bytes.
+        nonce: Vec<u8>,
+    },
+    /// scheduler → node: the scheduler's nonce and its proof (empty without a job secret).
+    AuthChallenge {
+        /// Random bytes.
+        nonce: Vec<u8>,
+        /// HMAC proof.
+        proof: Vec<u8>,
+    },
+    /// node → scheduler: the node's proof.
+    AuthProof {
+        /// HMAC proof.
+        proof: Vec<u8>,
+    },
+    /// Either way between a node and the scheduler: still alive.
+    Heartbeat,
     /// worker → server: first use of a key.
     InitKey {
         /// The key.
@@ -286,6 +305,19 @@ impl Msg {
                 e = Encoder::with_tag(11);
                 e.u32(*peer).str(reason);
             }
+            Msg::AuthHello { nonce } => {
+                e = Encoder::with_tag(12);
+                e.bytes(nonce);
+            }
+            Msg::AuthChallenge { nonce, proof } => {
+                e = Encoder::with_tag(13);
+                e.bytes(nonce).bytes(proof);
+            }
+            Msg::AuthProof { proof } => {
+                e = Encoder::with_tag(14);
+                e.bytes(proof);
+            }
+            Msg::Heartbeat => e = Encoder::with_tag(15),
             Msg::InitKey {
                 key,
                 bytes,
@@ -423,6 +455,17 @@ impl Msg {
                 peer: d.u32("peer")?,
                 reason: d.str("reason", MAX_STR)?.into(),
             },
+            12 => Msg::AuthHello {
+                nonce: d.bytes("nonce", 64)?.to_vec(),
+            },
+            13 => Msg::AuthChallenge {
+                nonce: d.bytes("nonce", 64)?.to_vec(),
+                proof: d.bytes("proof", 64)?.to_vec(),
+            },
+            14 => Msg::AuthProof {
+                proof: d.bytes("proof", 64)?.to_vec(),
+            },
+            15 => Msg::Heartbeat,
             20 => Msg::InitKey {
                 key: d.u64("key")?,
                 bytes: d.u64("bytes")?,
@@ -518,6 +561,13 @@ mod tests {
             Msg::BarrierDone { id: 1 },
             Msg::Goodbye,
             Msg::Terminate,
+            Msg::AuthHello { nonce: vec![1; 32] },
+            Msg::AuthChallenge {
+                nonce: vec![2; 32],
+                proof: vec![3; 32],
+            },
+            Msg::AuthProof { proof: vec![4; 32] },
+            Msg::Heartbeat,
             Msg::PeerDead {
                 peer: 2,
                 reason: "gone".into(),

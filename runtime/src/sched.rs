@@ -64,6 +64,8 @@ pub(crate) fn read_msg(s: &mut TcpStream) -> io::Result<Msg> {
 struct Node {
     reg: Register,
     writer: Arc<Mutex<TcpStream>>,
+    /// Last time anything arrived from it (heartbeats included).
+    last_seen: Instant,
     peer: Option<u32>,
     rank: Option<u32>,
     goodbye: bool,
@@ -93,6 +95,10 @@ struct State {
     finished: bool,
     started: Instant,
     timeout: Duration,
+    secret: Option<bps_transport::auth::Secret>,
+    last_heartbeat: Instant,
+    /// Connections refused at authentication.
+    refused: u64,
 }
 
 impl State {
@@ -273,7 +279,7 @@ impl State {
 
     fn on_msg(&mut self, conn: usize, m: Msg) {
         match m {
-            Msg::Register(_) => {} // handled at connect
+            Msg::Register(_) | Msg::Heartbeat => {} // handled at connect / by the reader
             Msg::Place {
                 tensor,
                 name,
@@ -474,6 +480,9 @@ impl Scheduler {
                 finished: false,
                 started: Instant::now(),
                 timeout: cfg.timeout,
+                secret: cfg.secret.clone(),
+                last_heartbeat: Instant::now(),
+                refused: 0,
             }),
             Condvar::new(),
         ));
@@ -496,6 +505,15 @@ impl Scheduler {
     /// Where it listens.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Connections refused because they could not prove they hold the job secret.
+    pub fn refused_connections(&self) -> u64 {
+        self.shared
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .refused
     }
 
     /// Block until the job finished (every worker said goodbye, or a process died and every
@@ -549,6 +567,40 @@ fn accept_loop(listener: TcpListener, shared: Arc<(Mutex<State>, Condvar)>) {
             let mut st = shared.0.lock().unwrap_or_else(|p| p.into_inner());
             if st.finished && st.nodes.values().all(|n| !n.alive || n.goodbye) {
                 return;
+            }
+            // Heartbeats: tell every node we are alive, and declare dead a node silent for the
+            // whole timeout (a frozen process, a host whose link went down without a FIN).
+            let period = st.timeout / 4;
+            if st.last_heartbeat.elapsed() >= period {
+                st.last_heartbeat = Instant::now();
+                let conns: Vec<usize> = st
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.alive && !n.goodbye)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for c in conns {
+                    st.send(c, &Msg::Heartbeat);
+                }
+            }
+            if st.welcomed {
+                let timeout = st.timeout;
+                let silent: Vec<usize> = st
+                    .nodes
+                    .iter()
+                    .filter(|(_, n)| n.alive && !n.goodbye && n.last_seen.elapsed() > timeout)
+                    .map(|(c, _)| *c)
+                    .collect();
+                for c in silent {
+                    if let Some(n) = st.nodes.get(&c) {
+                        let w = n.writer.lock().unwrap_or_else(|p| p.into_inner());
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    }
+                    st.on_lost(c, format!("silent for {timeout:?} (no heartbeat)"));
+                }
+                if !st.nodes.is_empty() {
+                    shared.1.notify_all();
+                }
             }
             // Rendezvous timeout: tell the ones that came who is missing.
             if !st.welcomed
@@ -606,6 +658,21 @@ fn serve_conn(
     shared: Arc<(Mutex<State>, Condvar)>,
 ) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    // A peer that stops reading must not block the scheduler's writes forever.
+    let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
+    let secret = shared
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .secret
+        .clone();
+    if let Err(why) = authenticate_node(&mut s, secret.as_ref()) {
+        let mut st = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+        st.refused += 1;
+        tracing::warn!("scheduler: refused a connection from {peer_addr}: {why}");
+        let _ = write_msg(&mut s, &Msg::Refused { reason: why });
+        return;
+    }
     let reg = match read_msg(&mut s) {
         Ok(Msg::Register(r)) => r,
         Ok(other) => {
@@ -685,6 +752,7 @@ fn serve_conn(
             Node {
                 reg: reg.clone(),
                 writer: writer.clone(),
+                last_seen: Instant::now(),
                 peer: None,
                 rank: None,
                 goodbye: false,
@@ -704,6 +772,9 @@ fn serve_conn(
             Ok(m) => {
                 let (mx, cv) = &*shared;
                 let mut st = mx.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(n) = st.nodes.get_mut(&conn) {
+                    n.last_seen = Instant::now();
+                }
                 st.on_msg(conn, m);
                 cv.notify_all();
             }
@@ -720,6 +791,100 @@ fn serve_conn(
                 return;
             }
         }
+    }
+}
+
+const LABEL_SCHEDULER: &[u8] = b"bps-scheduler-v1";
+const LABEL_NODE: &[u8] = b"bps-scheduler-node-v1";
+
+/// Scheduler side of the handshake: the node must prove it holds the job secret before its
+/// registration is read.
+fn authenticate_node(
+    s: &mut TcpStream,
+    secret: Option<&bps_transport::auth::Secret>,
+) -> std::result::Result<(), String> {
+    let nonce_n = match read_msg(s) {
+        Ok(Msg::AuthHello { nonce }) => nonce,
+        Ok(_) => return Err("it did not open with the authentication handshake".into()),
+        Err(e) => return Err(format!("no handshake: {e}")),
+    };
+    let Some(secret) = secret else {
+        if !nonce_n.is_empty() {
+            return Err(
+                "it authenticates but this scheduler has no BPS_JOB_SECRET: set the same secret on every process"
+                    .into(),
+            );
+        }
+        write_msg(
+            s,
+            &Msg::AuthChallenge {
+                nonce: Vec::new(),
+                proof: Vec::new(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        return Ok(());
+    };
+    if nonce_n.len() != bps_transport::auth::NONCE_LEN {
+        return Err("no credentials: it does not hold this job's secret (BPS_JOB_SECRET)".into());
+    }
+    let nonce_s = bps_transport::auth::nonce();
+    let proof = secret.prove(LABEL_SCHEDULER, &[&nonce_n, &nonce_s]);
+    write_msg(
+        s,
+        &Msg::AuthChallenge {
+            nonce: nonce_s.to_vec(),
+            proof: proof.to_vec(),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match read_msg(s) {
+        Ok(Msg::AuthProof { proof })
+            if secret.verify(LABEL_NODE, &[&nonce_n, &nonce_s], &proof) =>
+        {
+            Ok(())
+        }
+        Ok(_) => Err("authentication failed: it does not hold this job's secret".into()),
+        Err(e) => Err(format!("authentication failed: {e}")),
+    }
+}
+
+/// Node side of the handshake with the scheduler.
+pub(crate) fn authenticate_to_scheduler(
+    s: &mut TcpStream,
+    secret: Option<&bps_transport::auth::Secret>,
+) -> std::result::Result<(), String> {
+    let nonce_n = secret.map(|_| bps_transport::auth::nonce());
+    write_msg(
+        s,
+        &Msg::AuthHello {
+            nonce: nonce_n.map_or_else(Vec::new, |n| n.to_vec()),
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    match (read_msg(s), secret, nonce_n) {
+        (Ok(Msg::AuthChallenge { nonce, proof }), Some(secret), Some(nonce_n)) => {
+            if !secret.verify(LABEL_SCHEDULER, &[&nonce_n, &nonce], &proof) {
+                return Err(
+                    "the scheduler does not hold this job's secret (BPS_JOB_SECRET differs, or it is another job's scheduler)"
+                        .into(),
+                );
+            }
+            let mine = secret.prove(LABEL_NODE, &[&nonce_n, &nonce]);
+            write_msg(
+                s,
+                &Msg::AuthProof {
+                    proof: mine.to_vec(),
+                },
+            )
+            .map_err(|e| e.to_string())
+        }
+        (Ok(Msg::AuthChallenge { .. }), None, _) => Ok(()),
+        (Ok(Msg::Refused { reason }), _, _) => Err(format!("refused: {reason}")),
+        (Ok(other), _, _) => Err(format!("unexpected answer {other:?}")),
+        (Err(e), _, _) => Err(format!(
+            "the scheduler closed the connection during authentication ({e}); is BPS_JOB_SECRET the same everywhere?"
+        )),
     }
 }
 

@@ -340,3 +340,47 @@ fn push_pull_into_a_separate_output_leaves_the_input_alone() {
         assert!(e.contains("3 elements") && e.contains("4"), "{e}");
     });
 }
+
+#[test]
+fn the_scheduler_refuses_processes_without_the_job_secret() {
+    let port = free_port().to_string();
+    let sched_cfg = cfg(&[
+        ("DMLC_ROLE", "scheduler".into()),
+        ("DMLC_NUM_WORKER", "1".into()),
+        ("DMLC_PS_ROOT_PORT", port.clone()),
+        ("BPS_JOB_SECRET", "the-right-one".into()),
+        ("BPS_TIMEOUT", "5s".into()),
+    ]);
+    let sched = bps_runtime::Scheduler::start(&sched_cfg).unwrap();
+    for secret in [None, Some("another-job")] {
+        let mut v = vec![
+            ("DMLC_NUM_WORKER", "1".to_string()),
+            ("DMLC_PS_ROOT_PORT", port.clone()),
+            ("BPS_EMBED_SCHEDULER", "0".into()),
+            ("BPS_TIMEOUT", "5s".into()),
+        ];
+        if let Some(s) = secret {
+            v.push(("BPS_JOB_SECRET", s.into()));
+        }
+        let e = Bps::init_with(cfg(&v)).unwrap_err().to_string();
+        assert!(e.contains("secret") || e.contains("BPS_JOB_SECRET"), "{e}");
+        assert!(!e.contains("the-right-one"), "the secret leaked: {e}");
+    }
+    assert_eq!(sched.refused_connections(), 2);
+    // The right secret gets in and works.
+    let b = Bps::init_with(cfg(&[
+        ("DMLC_NUM_WORKER", "1".into()),
+        ("DMLC_PS_ROOT_PORT", port.clone()),
+        ("BPS_EMBED_SCHEDULER", "0".into()),
+        ("BPS_TIMEOUT", "5s".into()),
+        ("BPS_JOB_SECRET", "the-right-one".into()),
+    ]))
+    .unwrap();
+    let out = b
+        .push_pull("s", vec![2i32; 5], PushPullOpts::default())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(out, vec![2; 5]);
+    b.shutdown().unwrap();
+}

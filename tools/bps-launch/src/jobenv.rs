@@ -61,6 +61,8 @@ pub struct JobEnv {
     pub transport: Option<String>,
     /// `--env` pairs, applied last.
     pub extra: Vec<(String, String)>,
+    /// The job secret every process proves it holds (BPS_JOB_SECRET).
+    pub secret: String,
 }
 
 impl JobEnv {
@@ -78,6 +80,7 @@ impl JobEnv {
             ("DMLC_PS_ROOT_PORT", self.root_port.to_string()),
             ("BPS_EMBED_SCHEDULER", "0".to_string()),
             ("BPS_TIMEOUT", self.timeout.clone()),
+            ("BPS_JOB_SECRET", self.secret.clone()),
             ("WORLD_SIZE", self.workers.to_string()),
             ("LOCAL_WORLD_SIZE", self.local_size.to_string()),
         ]
@@ -133,6 +136,7 @@ mod tests {
             timeout: "30s".into(),
             transport: Some("tcp".into()),
             extra: vec![("BPS_LOG".into(), "info".into())],
+            secret: "test-secret".into(),
         }
     }
 

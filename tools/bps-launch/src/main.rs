@@ -291,6 +291,16 @@ fn local_mode(cli: Cli) -> ExitCode {
         timeout: timeout_text,
         transport: cli.transport.clone(),
         extra: cli.env.clone(),
+        secret: match std::env::var("BPS_JOB_SECRET") {
+            Ok(s) if !s.is_empty() => s,
+            _ => match bps_runtime::Secret::generate_hex() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("bps-launch: cannot generate a job secret: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+        },
     };
 
     // The scheduler, configured from what the processes will see.
