@@ -99,6 +99,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
     Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers (0 = always sleep)" },
     Tunable { names: &["BPS_INLINE_SUM_BYTES"], default: "65536", allowed: "bytes 0..=1 GiB", doc: "chunks up to this size are summed on the event-loop thread instead of an engine thread" },
+    Tunable { names: &["BPS_SERVER_MAX_BYTES"], default: "", allowed: "bytes >= 1 MiB", doc: "most memory a process spends on key buffers as a server (default: 3/4 of physical memory); keys beyond it are refused with an error" },
     Tunable { names: &["BPS_JOB_SECRET"], default: "", allowed: "any non-empty string (bps-launch generates one per job)", doc: "job secret: every connection proves it holds it (HMAC challenge-response) before anything else is accepted; unset = no authentication. Never printed" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
 ];
@@ -192,6 +193,14 @@ impl<'a> Lookup<'a> {
     }
 }
 
+/// Physical memory of this machine, from /proc/meminfo.
+fn physical_memory() -> Option<u64> {
+    let t = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 /// Parse "500ms", "30s", "2m" or plain seconds.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -256,6 +265,8 @@ pub struct Config {
     pub inline_sum_bytes: usize,
     /// The job secret (BPS_JOB_SECRET); `None`: connections are not authenticated.
     pub secret: Option<bps_transport::auth::Secret>,
+    /// Most bytes of key buffers a server part may hold.
+    pub server_max_bytes: u64,
 }
 
 fn resolve_host(h: &str, port: u16, var: &str) -> Result<SocketAddr, Error> {
@@ -444,7 +455,11 @@ impl Config {
             .raw("BPS_JOB_SECRET")
             .0
             .and_then(|(v, _)| bps_transport::auth::Secret::new(v.into_bytes()));
+        let server_max_bytes: u64 = l
+            .parse("BPS_SERVER_MAX_BYTES", |v: &u64| *v >= 1 << 20)?
+            .unwrap_or_else(|| physical_memory().map_or(u64::MAX, |m| m / 4 * 3));
         Ok(Config {
+            server_max_bytes,
             secret,
             poll_spin: Duration::from_micros(spin_us),
             inline_sum_bytes,

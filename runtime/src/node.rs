@@ -204,6 +204,8 @@ struct Server {
     up_retry: VecDeque<u32>,
     /// Sums done on the event-loop thread, handled like the engines' reports.
     inline_done: Vec<Result<u32, (u32, String)>>,
+    /// Bytes of receive and sum buffers held (bounded by BPS_SERVER_MAX_BYTES).
+    key_bytes: u64,
     engines: Vec<Sender<SumJob>>,
     done_rx: Receiver<Result<u32, (u32, String)>>,
 }
@@ -231,6 +233,7 @@ impl Server {
             retry: VecDeque::new(),
             up_retry: VecDeque::new(),
             inline_done: Vec::new(),
+            key_bytes: 0,
             engines,
             done_rx,
         }
@@ -1249,6 +1252,17 @@ impl Node {
                 slot
             }
             None => {
+                // Bounded memory: a peer cannot make this process allocate without limit.
+                let need = (n as u64 + 1) * bytes;
+                if s.key_bytes + need > self.cfg.server_max_bytes {
+                    let reason = format!(
+                        "this process already holds {} bytes of key buffers; key {k} needs {need} more, over BPS_SERVER_MAX_BYTES={} (raise it, add servers, or use fewer/smaller tensors)",
+                        s.key_bytes, self.cfg.server_max_bytes
+                    );
+                    refuse(&mut self.net, reason);
+                    return;
+                }
+                s.key_bytes += need;
                 let recv = SharedMem::new(n as usize * bytes as usize);
                 let sum = SharedMem::new(bytes as usize);
                 // SAFETY: both buffers are owned by the SKey stored below and are deregistered

@@ -384,3 +384,30 @@ fn the_scheduler_refuses_processes_without_the_job_secret() {
     assert_eq!(out, vec![2; 5]);
     b.shutdown().unwrap();
 }
+
+#[test]
+fn server_memory_is_bounded() {
+    job(
+        1,
+        1,
+        &[
+            ("BPS_SERVER_MAX_BYTES", "1048576"),
+            ("BYTEPS_PARTITION_BYTES", "262144"),
+        ],
+        |b| {
+            // 2 buffers (receive + sum) of 256 KiB per key: 2 keys fit in 1 MiB, a third does not.
+            let ok = b
+                .push_pull("m1", vec![1u8; 512 << 10], PushPullOpts::default())
+                .unwrap()
+                .wait();
+            assert!(ok.is_ok());
+            let e = b
+                .push_pull("m2", vec![1u8; 256 << 10], PushPullOpts::default())
+                .unwrap()
+                .wait()
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("BPS_SERVER_MAX_BYTES"), "{e}");
+        },
+    );
+}
