@@ -847,16 +847,8 @@ impl Node {
                     }
                     Err(e) if e.is_busy() => w.retry.push_back((tensor, chunk)),
                     Err(e) => {
-                        let peer = label(&self.book, k.server);
-                        let name = t.name.clone();
-                        self.fail_tensor(
-                            tensor,
-                            Error::Peer {
-                                what: format!("push_pull of {name:?} (key {key})"),
-                                peer,
-                                reason: e.to_string(),
-                            },
-                        );
+                        let server = k.server;
+                        self.fail_send(tensor, key, server, &e);
                     }
                 }
             }
@@ -880,16 +872,8 @@ impl Node {
                             return;
                         }
                         Err(e) => {
-                            let peer = label(&self.book, k.server);
-                            let name = t.name.clone();
-                            self.fail_tensor(
-                                tensor,
-                                Error::Peer {
-                                    what: format!("push_pull of {name:?} (key {key})"),
-                                    peer,
-                                    reason: e.to_string(),
-                                },
-                            );
+                            let server = k.server;
+                            self.fail_send(tensor, key, server, &e);
                             return;
                         }
                     }
@@ -919,16 +903,8 @@ impl Node {
                     }
                     Err(e) if e.is_busy() => w.retry.push_back((tensor, chunk)),
                     Err(e) => {
-                        let peer = label(&self.book, k.server);
-                        let name = t.name.clone();
-                        self.fail_tensor(
-                            tensor,
-                            Error::Peer {
-                                what: format!("push_pull of {name:?} (key {key})"),
-                                peer,
-                                reason: e.to_string(),
-                            },
-                        );
+                        let server = k.server;
+                        self.fail_send(tensor, key, server, &e);
                     }
                 }
             }
@@ -1789,6 +1765,22 @@ impl Node {
                 timeout: self.cfg.timeout,
             });
         }
+    }
+
+    /// A send to a key's server failed: fail the tensor's operations, naming the server and key.
+    fn fail_send(&mut self, tensor: u32, key: Key, server: PeerId, e: &bps_transport::Error) {
+        let name = self
+            .worker
+            .as_ref()
+            .and_then(|w| w.tensors.get(&tensor))
+            .map(|t| t.name.clone())
+            .unwrap_or_default();
+        let err = Error::Peer {
+            what: format!("push_pull of {name:?} (key {key})"),
+            peer: label(&self.book, server),
+            reason: e.to_string(),
+        };
+        self.fail_tensor(tensor, err);
     }
 
     /// Fail the active and waiting operations of one tensor.
