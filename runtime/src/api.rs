@@ -176,11 +176,12 @@ fn start(cfg: Config) -> Result<Inner> {
     ncfg.max_msg = cfg.max_msg;
     ncfg.connect_timeout = cfg.timeout;
     ncfg.secret = cfg.secret.clone();
-    if cfg.transport == Some(LinkKind::Rdma) {
+    ncfg.rdma = cfg.rdma.clone();
+    if cfg.transport == Some(LinkKind::Rdma) && !bps_transport::rdma::COMPILED {
         return Err(Error::Config {
             var: "BPS_TRANSPORT".into(),
             value: "rdma".into(),
-            allowed: "auto | tcp | shm (this build has no RDMA backend)".into(),
+            allowed: "auto | tcp | shm (this build has no RDMA backend: build with the `rdma` feature)".into(),
         });
     }
     if cfg.transport == Some(LinkKind::Tcp) {

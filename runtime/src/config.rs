@@ -99,6 +99,13 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
     Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers (0 = always sleep)" },
     Tunable { names: &["BPS_INLINE_SUM_BYTES"], default: "65536", allowed: "bytes 0..=1 GiB", doc: "chunks up to this size are summed on the event-loop thread instead of an engine thread" },
+    Tunable { names: &["BPS_RDMA_DEVICE", "DMLC_RDMA_DEVICE"], default: "", allowed: "an RDMA device name (ibv_devices)", doc: "RDMA device (default: the first with an active port)" },
+    Tunable { names: &["BPS_RDMA_PORT"], default: "", allowed: "port number 1..=255", doc: "RDMA port of the device (default: the first active)" },
+    Tunable { names: &["BPS_RDMA_GID_INDEX", "BYTEPS_RDMA_GID_INDEX", "DMLC_GID_INDEX"], default: "", allowed: "a GID index of the port (show_gids)", doc: "RoCE GID index (default: a RoCE v2 GID with an IPv4 address)" },
+    Tunable { names: &["BPS_RDMA_SEND_DEPTH", "BYTEPS_RDMA_SEND_DEPTH"], default: "256", allowed: "1..=65536", doc: "send queue depth per queue pair" },
+    Tunable { names: &["BPS_RDMA_RECV_DEPTH", "BYTEPS_RDMA_RX_DEPTH"], default: "256", allowed: "1..=65536", doc: "pre-posted receives per queue pair" },
+    Tunable { names: &["BPS_RDMA_INLINE_BYTES"], default: "64", allowed: "0..=1024", doc: "largest inline send" },
+    Tunable { names: &["BPS_RDMA_MAX_REGISTERED_BYTES"], default: "0", allowed: "bytes (0 = follow ulimit -l)", doc: "most memory registered with the NIC" },
     Tunable { names: &["BPS_SERVER_MAX_BYTES"], default: "", allowed: "bytes >= 1 MiB", doc: "most memory a process spends on key buffers as a server (default: 3/4 of physical memory); keys beyond it are refused with an error" },
     Tunable { names: &["BPS_JOB_SECRET"], default: "", allowed: "any non-empty string (bps-launch generates one per job)", doc: "job secret: every connection proves it holds it (HMAC challenge-response) before anything else is accepted; unset = no authentication. Never printed" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
@@ -267,6 +274,8 @@ pub struct Config {
     pub secret: Option<bps_transport::auth::Secret>,
     /// Most bytes of key buffers a server part may hold.
     pub server_max_bytes: u64,
+    /// RDMA device choice and queue sizes.
+    pub rdma: bps_transport::rdma::RdmaConfig,
 }
 
 fn resolve_host(h: &str, port: u16, var: &str) -> Result<SocketAddr, Error> {
@@ -458,7 +467,26 @@ impl Config {
         let server_max_bytes: u64 = l
             .parse("BPS_SERVER_MAX_BYTES", |v: &u64| *v >= 1 << 20)?
             .unwrap_or_else(|| physical_memory().map_or(u64::MAX, |m| m / 4 * 3));
+        let mut rdma = bps_transport::rdma::RdmaConfig::default();
+        if let (Some((v, _)), _) = l.raw("BPS_RDMA_DEVICE") {
+            rdma.device = Some(v);
+        }
+        rdma.port = l.parse("BPS_RDMA_PORT", |v: &u8| *v >= 1)?;
+        rdma.gid_index = l.parse("BPS_RDMA_GID_INDEX", |_: &u32| true)?;
+        rdma.send_depth = l
+            .parse("BPS_RDMA_SEND_DEPTH", |v: &u32| (1..=65536).contains(v))?
+            .unwrap_or(rdma.send_depth);
+        rdma.recv_depth = l
+            .parse("BPS_RDMA_RECV_DEPTH", |v: &u32| (1..=65536).contains(v))?
+            .unwrap_or(rdma.recv_depth);
+        rdma.inline_bytes = l
+            .parse("BPS_RDMA_INLINE_BYTES", |v: &u32| *v <= 1024)?
+            .unwrap_or(rdma.inline_bytes);
+        rdma.max_registered_bytes = l
+            .parse("BPS_RDMA_MAX_REGISTERED_BYTES", |_: &u64| true)?
+            .unwrap_or(rdma.max_registered_bytes);
         Ok(Config {
+            rdma,
             server_max_bytes,
             secret,
             poll_spin: Duration::from_micros(spin_us),

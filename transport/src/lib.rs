@@ -48,6 +48,8 @@ mod net;
 mod primitive;
 mod regcache;
 pub mod shm;
+// rdma: the RDMA verbs backend (feature `rdma`; a stub without it).
+pub mod rdma;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,7 +79,7 @@ pub enum LinkKind {
     Shm,
     /// TCP connections (several lanes).
     Tcp,
-    /// RDMA verbs (not in this build).
+    /// RDMA verbs: an RC queue pair per peer, bootstrapped over tcp (feature `rdma`, see [`rdma`]).
     Rdma,
 }
 

@@ -32,6 +32,8 @@ use crate::{
 const WAKER: Token = Token(usize::MAX - 1);
 const TCP_LISTENER: Token = Token(usize::MAX - 2);
 const UNIX_LISTENER: Token = Token(usize::MAX - 3);
+// rdma: the completion channel of the RDMA backend.
+const RDMA_CQ: Token = Token(usize::MAX - 4);
 const RX_BUF: usize = 64 << 10;
 /// Payload remainders at least this large are read straight into their destination.
 const DIRECT_READ: usize = 16 << 10;
@@ -63,6 +65,9 @@ pub struct NetConfig {
     /// The job secret: when set, every link proves both ends hold it before anything else
     /// is accepted (see [`crate::auth`]). Both ends must agree on having one.
     pub secret: Option<Secret>,
+    // rdma: tunables of the RDMA backend (device, port, GID index, queue depths, ...).
+    /// RDMA tunables (used when `force` is `Rdma`, or automatic and this host has a device).
+    pub rdma: crate::rdma::RdmaConfig,
 }
 
 impl NetConfig {
@@ -81,6 +86,7 @@ impl NetConfig {
             queue_depth: 4096,
             connect_timeout: Duration::from_secs(30),
             secret: None,
+            rdma: crate::rdma::RdmaConfig::default(), // rdma:
         }
     }
 }
@@ -232,6 +238,8 @@ struct Stream {
     /// Dialled and not yet known to be connected.
     connecting: bool,
     dead: bool,
+    // rdma: the dialler's RDMA offer (lane 0 Hello), kept until the stream is attached.
+    rdma_offer: Option<String>,
 }
 
 // SAFETY: the raw pointer in `Rx::Write` points into a registered region (see RegionEntry);
@@ -254,6 +262,7 @@ impl Stream {
             tx: VecDeque::new(),
             connecting: false,
             dead: false,
+            rdma_offer: None, // rdma:
         }
     }
 }
@@ -293,6 +302,8 @@ pub struct Net {
     free_slots: Vec<usize>,
     local: VecDeque<Event>,
     refused: u64,
+    // rdma: the RDMA side of every link (a stub that claims nothing without feature `rdma`).
+    rdma: crate::rdma::Engine,
 }
 
 /// Binds a handshake proof to one link: dialer id, acceptor id, lane.
@@ -395,7 +406,17 @@ impl Net {
             h.write_u32(std::process::id());
             h.finish() | 1
         };
+        // rdma: probe the device (when rdma is forced or automatic) and watch its completion channel.
+        let rdma = crate::rdma::Engine::new(
+            &cfg.rdma,
+            cfg.force,
+            cfg.queue_depth,
+            cfg.max_msg,
+            poll.registry(),
+            RDMA_CQ,
+        );
         Ok(Net {
+            rdma,
             host: local_host_id(),
             cfg,
             poll,
@@ -452,10 +473,9 @@ impl Net {
                     addr.tcp
                 ),
             }),
-            Some(LinkKind::Rdma) => Err(Error::Unsupported {
-                feature: "rdma",
-                reason: "this build has no RDMA backend".into(),
-            }),
+            // rdma: an RDMA link runs over a tcp control link; the engine negotiates the QP on it
+            // (and falls back to tcp, with a log line, where either side has no device).
+            Some(LinkKind::Rdma) => Ok(LinkKind::Tcp),
             Some(LinkKind::Loopback) | None if shm_possible => Ok(LinkKind::Shm),
             Some(LinkKind::Loopback) | None => Ok(LinkKind::Tcp),
         }
@@ -512,7 +532,13 @@ impl Net {
                     st.connecting = true;
                     st.remote = addr.tcp.to_string();
                     let nonce = self.cfg.secret.as_ref().map(|_| crate::auth::nonce());
-                    let body = hello_body(me, lane, lanes, None, nonce.as_ref());
+                    // rdma: lane 0's Hello carries our RDMA offer (tcp acceptors ignore the field).
+                    let offer = if lane == 0 {
+                        self.rdma.offer(peer)
+                    } else {
+                        None
+                    };
+                    let body = hello_body(me, lane, lanes, offer.as_deref(), nonce.as_ref());
                     st.tx
                         .push_back(frame_op(FrameKind::Hello, 0, lane, Body::Owned(body), None));
                     match nonce {
@@ -616,6 +642,10 @@ impl Net {
     }
 
     fn check_connected(&mut self, peer: PeerId) {
+        // rdma: a peer the RDMA engine carries (or negotiates) is reported by the engine.
+        if self.rdma.claims(peer) {
+            return;
+        }
         if let Some(p) = self.peers.get_mut(&peer) {
             if !p.connected_reported && !p.up.is_empty() && p.up.iter().all(|u| *u) {
                 p.connected_reported = true;
@@ -650,6 +680,10 @@ impl Net {
             return;
         }
         p.lost = Some(reason.clone());
+        self.rdma.lose(peer, &reason); // rdma: destroy the peer's queue pair too
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return;
+        };
         let slots: Vec<usize> = p.lanes.iter().flatten().copied().collect();
         for e in p.early.iter_mut() {
             e.clear();
@@ -803,6 +837,13 @@ impl Net {
             return Err("hello claims to be ourselves".into());
         }
         let st = self.streams[slot].as_mut().expect("slot live");
+        // rdma: on a dialled lane 0 a Hello is the acceptor's answer to our RDMA offer.
+        if st.peer == Some(h.from) && st.lane == 0 && self.rdma.awaits_reply(h.from) {
+            self.rdma.on_reply(h.from, &h.shm_path)?;
+            self.rdma_settle();
+            self.check_connected(h.from);
+            return Ok(());
+        }
         if st.peer.is_some() {
             return Err("second hello on a stream".into());
         }
@@ -886,6 +927,12 @@ impl Net {
                 return Err(format!("peer {} opened lane {} twice", h.from, h.lane));
             }
         }
+        // rdma: keep a tcp dialler's lane 0 field (an RDMA offer, or empty) for `attach`.
+        if kind == LinkKind::Tcp && h.lane == 0 {
+            if let Some(st) = self.streams[slot].as_mut() {
+                st.rdma_offer = Some(h.shm_path.clone());
+            }
+        }
         if let Some(secret) = &self.cfg.secret {
             // Challenge: our nonce and our proof; the stream stays anonymous until the dialer's
             // proof checks out.
@@ -923,6 +970,15 @@ impl Net {
         st.peer = Some(from);
         st.lane = lane;
         st.auth = Auth::Done;
+        // rdma: answer the dialler's RDMA offer before any queued frame.
+        if let Some(offer) = st.rdma_offer.take() {
+            let offer = Some(offer).filter(|o| !o.is_empty());
+            if let Some(reply) = self.rdma.on_attach(from, offer.as_deref()) {
+                let body = hello_body(self.cfg.me, 0, self.cfg.lanes.max(1), Some(&reply), None);
+                st.tx
+                    .push_back(frame_op(FrameKind::Hello, 0, 0, Body::Owned(body), None));
+            }
+        }
         let p = self.peer_entry(from, kind);
         p.lanes[lane as usize] = Some(slot);
         p.up[lane as usize] = true;
@@ -931,6 +987,7 @@ impl Net {
         st.tx.extend(early);
         self.check_connected(from);
         self.flush(slot);
+        self.rdma_settle(); // rdma: re-post operations of a peer that settled on tcp
     }
 
     /// An Auth frame: the acceptor's challenge (at the dialer) or the dialer's proof (at the
@@ -1023,6 +1080,41 @@ impl Net {
     pub fn refused_connections(&self) -> u64 {
         self.refused
     }
+
+    // rdma: ------------------------------------------------------------------------------------
+    /// Counters of the RDMA backend (all zero without feature `rdma` or without a device).
+    pub fn rdma_stats(&self) -> crate::rdma::RdmaStats {
+        self.rdma.stats()
+    }
+
+    /// rdma: drops peers whose RDMA link failed, and re-posts over tcp the operations of peers
+    /// that settled on tcp during the RDMA negotiation.
+    fn rdma_settle(&mut self) {
+        for (peer, reason) in self.rdma.take_lost() {
+            self.lose_peer(peer, reason);
+        }
+        for (peer, ops) in self.rdma.take_replay() {
+            for op in ops {
+                let r = match op {
+                    crate::rdma::Replay::Send { lane, data } => self.try_send(peer, lane, &data),
+                    crate::rdma::Replay::Write {
+                        lane,
+                        src,
+                        src_offset,
+                        len,
+                        dst,
+                        imm,
+                        wr_id,
+                    } => self.try_write_imm(peer, lane, src, src_offset, len, dst, imm, wr_id),
+                };
+                if let Err(e) = r {
+                    tracing::warn!(%peer, "an operation queued during the RDMA negotiation was dropped: {e}");
+                }
+            }
+            self.check_connected(peer);
+        }
+    }
+    // rdma: end -----------------------------------------------------------------------------
 
     /// Read everything available on a stream.
     fn read(&mut self, slot: usize) {
@@ -1477,6 +1569,10 @@ impl Transport for Net {
             }
         }
         let (me, connect_timeout) = (self.cfg.me, self.cfg.connect_timeout);
+        // rdma: a tcp peer may carry an RDMA link (offered by the dialler, before it dials).
+        if kind == LinkKind::Tcp {
+            self.rdma.add_peer(peer, me < peer);
+        }
         let p = self.peer_entry(peer, kind);
         p.addr = Some(addr);
         if kind == LinkKind::Loopback {
@@ -1494,6 +1590,7 @@ impl Transport for Net {
     unsafe fn register(&mut self, ptr: *mut u8, len: usize) -> Result<Region> {
         let token = self.next_token;
         self.next_token = self.next_token.wrapping_add(0x9E37_79B9_7F4A_7C16) | 1;
+        self.rdma.register(token, ptr, len)?; // rdma: NIC registration (cached per range)
         self.regions.insert(token, RegionEntry { ptr, len });
         Ok(Region {
             token,
@@ -1505,6 +1602,7 @@ impl Transport for Net {
         self.regions
             .remove(&token)
             .ok_or(Error::UnknownToken { token })?;
+        self.rdma.deregister(token); // rdma:
         const RETIRED_MAX: usize = 1 << 16;
         if self.retired.0.insert(token) {
             self.retired.1.push_back(token);
@@ -1532,6 +1630,10 @@ impl Transport for Net {
                 len: msg.len(),
                 max: self.cfg.max_msg,
             });
+        }
+        // rdma: a peer on (or negotiating) an RDMA link sends over its queue pair.
+        if let Some(r) = self.rdma.try_send(peer, lane, msg) {
+            return r;
         }
         if peer == self.cfg.me {
             if !self.peers.contains_key(&peer) {
@@ -1604,6 +1706,13 @@ impl Transport for Net {
             });
             return Ok(());
         }
+        // rdma: a peer on (or negotiating) an RDMA link gets an RDMA WRITE_WITH_IMM.
+        if let Some(r) = self
+            .rdma
+            .try_write_imm(peer, lane, src, src_offset, len, dst, imm, wr_id)
+        {
+            return r;
+        }
         let body = Body::Region {
             ptr: src_ptr,
             len: len as usize,
@@ -1616,6 +1725,9 @@ impl Transport for Net {
 
     fn poll(&mut self, events: &mut Vec<Event>, timeout: Option<Duration>) -> Result<()> {
         self.handle_timers();
+        // rdma: completions first.
+        self.rdma.poll(&mut self.local);
+        self.rdma_settle();
         let mut timeout = if self.local.is_empty() {
             timeout
         } else {
@@ -1624,6 +1736,10 @@ impl Transport for Net {
         if let Some(t) = self.next_timer() {
             let d = t.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(d, |x| x.min(d)));
+        }
+        // rdma: before sleeping, busy-poll briefly, then arm the completion queues.
+        if timeout != Some(Duration::ZERO) && !self.rdma.prepare_sleep() {
+            timeout = Some(Duration::ZERO);
         }
         match self.poll.poll(&mut self.mio_events, timeout) {
             Ok(()) => {}
@@ -1645,6 +1761,7 @@ impl Transport for Net {
         for (tok, readable, writable, error) in ready {
             match tok {
                 WAKER => {}
+                RDMA_CQ => self.rdma.on_channel_ready(), // rdma:
                 TCP_LISTENER => self.accept_tcp(),
                 UNIX_LISTENER => self.accept_unix(),
                 Token(slot) => {
@@ -1711,6 +1828,9 @@ impl Transport for Net {
                 }
             }
         }
+        // rdma: what the completion queues got meanwhile.
+        self.rdma.poll(&mut self.local);
+        self.rdma_settle();
         events.extend(self.local.drain(..));
         Ok(())
     }
@@ -1720,6 +1840,9 @@ impl Transport for Net {
     }
 
     fn link_kind(&self, peer: PeerId) -> Option<LinkKind> {
+        if self.rdma.is_up(peer) {
+            return Some(LinkKind::Rdma); // rdma:
+        }
         self.peers.get(&peer).and_then(|p| p.kind)
     }
 }

@@ -522,7 +522,29 @@ fn info() -> ExitCode {
         Err(e) => println!("  shm: unavailable (/dev/shm: {e})"),
     }
     println!("  loopback: available (a process talking to itself)");
-    println!("  rdma: unavailable (this build has no RDMA backend)");
+    let rdma_cfg = Config::from_env().map(|c| c.rdma).unwrap_or_default();
+    match bps_transport::rdma::probe(&rdma_cfg) {
+        Ok(d) => println!(
+            "  rdma: available: device {} port {} ({}), GID[{}] {}, LID {}, active MTU {}, max message {} bytes; queues send {} recv {}, inline {} B, registration limit {}",
+            d.device,
+            d.port,
+            d.link_layer,
+            d.gid_index,
+            d.gid,
+            d.lid,
+            d.active_mtu,
+            d.max_msg_bytes,
+            rdma_cfg.send_depth,
+            rdma_cfg.recv_depth,
+            rdma_cfg.inline_bytes,
+            if rdma_cfg.max_registered_bytes == 0 {
+                "ulimit -l".to_string()
+            } else {
+                format!("{} bytes", rdma_cfg.max_registered_bytes)
+            }
+        ),
+        Err(e) => println!("  rdma: unavailable ({e})"),
+    }
     println!("gpus: none (this build has no CUDA support)");
     println!("tunables:");
     let l = Lookup::env();

@@ -1,0 +1,1283 @@
+//! The RDMA engine of a [`Net`](crate::Net): one RC queue pair per RDMA peer, the messages on
+//! it (see the protocol in the module docs of [`crate::rdma`]), registration of regions with the
+//! NIC, and the translation of completions into [`Event`]s. `Net` owns one and calls it from a
+//! handful of places marked `// rdma:` in `net.rs`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::os::fd::RawFd;
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+
+use super::verbs::{Completion, Context, MemoryRegion, QueuePair, WorkRequest};
+use super::wire::{self, Handshake, Send};
+use super::{RdmaConfig, RdmaStats};
+use crate::{Error, Event, LinkKind, PeerId, RemoteSlice, Result};
+
+/// Where the RDMA side of a peer stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Dialler: offer sent in lane 0's Hello, waiting for the answer.
+    Offered,
+    /// Acceptor: the peer was added; its Hello (with or without an offer) has not come yet.
+    AwaitOffer,
+    /// Acceptor: accepted, QP in RTS, waiting for the dialler's READY.
+    AwaitReady,
+    /// Dialler: QP in RTS, READY posted, waiting for its completion.
+    ReadySent,
+    /// Traffic flows over the QP.
+    Up,
+    /// The peer uses tcp (declined, or no offer): the engine no longer claims it.
+    Tcp,
+    /// The link failed or was dropped.
+    Dead,
+}
+
+/// An application operation accepted by `try_send` / `try_write_imm`, not yet fully posted.
+enum Op {
+    Send {
+        lane: u32,
+        data: Vec<u8>,
+        /// Bytes already posted.
+        sent: usize,
+        /// At least one fragment was posted (an empty message still takes one).
+        started: bool,
+    },
+    Write {
+        lane: u32,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+        dst: RemoteSlice,
+        imm: u32,
+        wr_id: u64,
+        /// Key of the source's memory region in `Engine::mrs` (one reference held by this op).
+        mr_key: (u64, usize),
+        desc_posted: bool,
+        /// Payload bytes posted.
+        posted: u64,
+    },
+}
+
+/// What a posted send-queue entry means; completions come back in posting order (RC).
+enum Inflight {
+    /// A send buffer slot (message fragment, descriptor or control message).
+    Slot {
+        slot: u32,
+        op_done: bool,
+        ready: bool,
+    },
+    /// A WRITE that is not the last piece of its write.
+    Chunk,
+    /// The WRITE_WITH_IMM that ends a write.
+    Final { wr_id: u64, mr_key: (u64, usize) },
+}
+
+/// A region of the peer, as it announced it.
+#[derive(Clone, Copy, Debug)]
+enum Remote {
+    Pending,
+    Known { addr: u64, rkey: u32, len: u64 },
+    Retired,
+}
+
+/// Registered buffers of a link: `recv` receive slots then `send` send slots of `chunk` bytes.
+struct Pool {
+    // Field order is drop order: the region before the memory it covers.
+    mr: MemoryRegion,
+    mem: Box<[u8]>,
+    chunk: usize,
+}
+
+impl Pool {
+    fn addr(&self, slot: u32) -> u64 {
+        self.mem.as_ptr() as u64 + u64::from(slot) * self.chunk as u64
+    }
+}
+
+struct Link {
+    state: State,
+    reason: Option<String>,
+    // Field order is drop order: the QP (and with it every request the NIC might still process)
+    // goes before the buffers it uses.
+    qp: Option<QueuePair>,
+    pool: Option<Pool>,
+    free_send: Vec<u32>,
+    sq_free: u32,
+    seq: u64,
+    inflight: VecDeque<(u64, Inflight)>,
+    ctrl: VecDeque<Vec<u8>>,
+    ops: VecDeque<Op>,
+    outstanding: usize,
+    remote: HashMap<u64, Remote>,
+    rx_msg: Option<(u32, Vec<u8>)>,
+    descs: VecDeque<(u64, u64, u64)>,
+}
+
+impl Link {
+    fn new(state: State) -> Link {
+        Link {
+            state,
+            reason: None,
+            qp: None,
+            pool: None,
+            free_send: Vec::new(),
+            sq_free: 0,
+            seq: 0,
+            inflight: VecDeque::new(),
+            ctrl: VecDeque::new(),
+            ops: VecDeque::new(),
+            outstanding: 0,
+            remote: HashMap::new(),
+            rx_msg: None,
+            descs: VecDeque::new(),
+        }
+    }
+
+    fn claims(&self) -> bool {
+        self.state != State::Tcp
+    }
+}
+
+/// An operation handed back to `Net` when a peer settles on tcp.
+pub(crate) enum Replay {
+    Send {
+        lane: u32,
+        data: Vec<u8>,
+    },
+    Write {
+        lane: u32,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+        dst: RemoteSlice,
+        imm: u32,
+        wr_id: u64,
+    },
+}
+
+struct LocalRegion {
+    ptr: *mut u8,
+    len: usize,
+    /// Whether this token holds a reference on `mrs[(ptr, len)]`.
+    mr: bool,
+}
+
+struct MrEntry {
+    mr: MemoryRegion,
+    /// Tokens and in-flight writes using it.
+    refs: usize,
+}
+
+/// The RDMA side of a `Net`.
+pub(crate) struct Engine {
+    ctx: Option<Context>,
+    /// Why RDMA is off in this process (device probe, or configuration).
+    reason: String,
+    /// Whether this process asks remote peers for RDMA.
+    want: bool,
+    forced: bool,
+    queue_depth: usize,
+    max_msg: usize,
+    cfg: RdmaConfig,
+    links: HashMap<PeerId, Link>,
+    regions: HashMap<u64, LocalRegion>,
+    mrs: HashMap<(u64, usize), MrEntry>,
+    retired: (HashSet<u64>, VecDeque<u64>),
+    stats: RdmaStats,
+    lost: Vec<(PeerId, String)>,
+    replay: Vec<(PeerId, Vec<Replay>)>,
+    events: VecDeque<Event>,
+    scratch: Vec<Completion>,
+}
+
+// SAFETY: the raw pointers in `regions` are ranges the registrant promised (unsafe
+// `Transport::register`) to keep valid; the engine moves with its `Net` and is used by one
+// thread at a time. The verbs objects are Send (sideway marks them so).
+unsafe impl std::marker::Send for Engine {}
+
+const RETIRED_MAX: usize = 1 << 16;
+
+impl Engine {
+    /// Probes the device when `force` asks for RDMA or leaves the choice automatic, and registers
+    /// the completion channel with `registry` under `token`. Never fails: without a device the
+    /// engine is off (one log line says why) and every peer uses tcp.
+    pub(crate) fn new(
+        cfg: &RdmaConfig,
+        force: Option<LinkKind>,
+        queue_depth: usize,
+        max_msg: usize,
+        registry: &Registry,
+        token: Token,
+    ) -> Engine {
+        let forced = force == Some(LinkKind::Rdma);
+        let want = matches!(force, None | Some(LinkKind::Rdma));
+        let mut e = Engine {
+            ctx: None,
+            reason: String::new(),
+            want,
+            forced,
+            queue_depth: queue_depth.max(1),
+            max_msg,
+            cfg: cfg.clamped(),
+            links: HashMap::new(),
+            regions: HashMap::new(),
+            mrs: HashMap::new(),
+            retired: Default::default(),
+            stats: RdmaStats::default(),
+            lost: Vec::new(),
+            replay: Vec::new(),
+            events: VecDeque::new(),
+            scratch: Vec::new(),
+        };
+        if !want {
+            e.reason = format!(
+                "this process forces {}",
+                force.map_or("tcp", LinkKind::name)
+            );
+            return e;
+        }
+        match Context::open(&e.cfg) {
+            Ok(ctx) => {
+                let fd: RawFd = ctx.channel_fd();
+                match registry.register(&mut SourceFd(&fd), token, Interest::READABLE) {
+                    Ok(()) => {
+                        tracing::info!("rdma: using {}", ctx.summary());
+                        e.ctx = Some(ctx);
+                    }
+                    Err(err) => {
+                        e.reason = format!("cannot watch the completion channel: {err}");
+                    }
+                }
+            }
+            Err(err) => {
+                e.reason = match err {
+                    Error::Unsupported { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+            }
+        }
+        if e.ctx.is_none() {
+            if forced {
+                tracing::warn!("rdma: {}; BPS_TRANSPORT=rdma falls back to tcp", e.reason);
+            } else {
+                tracing::info!("rdma: {}; remote peers use tcp", e.reason);
+            }
+        }
+        e
+    }
+
+    fn active(&self) -> bool {
+        self.ctx.is_some() && self.want
+    }
+
+    /// Counters.
+    pub(crate) fn stats(&self) -> RdmaStats {
+        let mut s = self.stats;
+        s.registered_bytes = self.ctx.as_ref().map_or(0, Context::registered_bytes);
+        s
+    }
+
+    /// A remote (non-shm) peer was added: RDMA will be offered (dialler) or expected (acceptor).
+    pub(crate) fn add_peer(&mut self, peer: PeerId, dialler: bool) {
+        if !self.active() || self.links.contains_key(&peer) {
+            return;
+        }
+        let state = if dialler {
+            State::Offered
+        } else {
+            State::AwaitOffer
+        };
+        self.links.insert(peer, Link::new(state));
+    }
+
+    /// Whether the engine carries (or is negotiating) this peer's traffic.
+    pub(crate) fn claims(&self, peer: PeerId) -> bool {
+        self.links.get(&peer).is_some_and(Link::claims)
+    }
+
+    /// Whether the peer's traffic flows over its QP.
+    pub(crate) fn is_up(&self, peer: PeerId) -> bool {
+        self.links.get(&peer).is_some_and(|l| l.state == State::Up)
+    }
+
+    /// The offer for lane 0's Hello to `peer` (creates the QP on first use). `None`: no RDMA for
+    /// this peer (the engine then no longer claims it).
+    pub(crate) fn offer(&mut self, peer: PeerId) -> Option<String> {
+        let state = self.links.get(&peer)?.state;
+        if state != State::Offered {
+            return None;
+        }
+        if let Err(e) = self.ensure_qp(peer) {
+            tracing::warn!("rdma: cannot set up a queue pair for peer {peer}: {e}; using tcp");
+            self.settle_tcp(peer);
+            return None;
+        }
+        let ep = self.links[&peer].qp.as_ref()?.endpoint();
+        Some(Handshake::Offer(ep).encode())
+    }
+
+    /// Whether lane 0 of `peer` waits for the acceptor's answer to our offer.
+    pub(crate) fn awaits_reply(&self, peer: PeerId) -> bool {
+        self.links
+            .get(&peer)
+            .is_some_and(|l| l.state == State::Offered)
+    }
+
+    /// The acceptor's answer arrived (dialler side).
+    pub(crate) fn on_reply(
+        &mut self,
+        peer: PeerId,
+        reply: &str,
+    ) -> std::result::Result<(), String> {
+        match Handshake::parse(reply)? {
+            Handshake::Decline(why) => {
+                tracing::warn!("rdma: peer {peer} declined RDMA ({why}); using tcp");
+                self.settle_tcp(peer);
+                Ok(())
+            }
+            Handshake::Accept(ep) => {
+                let link = self.links.get_mut(&peer).ok_or("no RDMA link")?;
+                let qp = link.qp.as_mut().ok_or("no queue pair")?;
+                qp.connect(&ep).map_err(|e| e.to_string())?;
+                link.state = State::ReadySent;
+                link.ctrl
+                    .push_back(wire::header(wire::Kind::Ready, 0, 0).to_vec());
+                self.pump(peer);
+                Ok(())
+            }
+            Handshake::Offer(_) => Err("an RDMA offer from the acceptor".into()),
+        }
+    }
+
+    /// The dialler's lane 0 was attached (acceptor side) with `offer` from its Hello. Returns the
+    /// answer to send back, if the dialler made an offer.
+    pub(crate) fn on_attach(&mut self, peer: PeerId, offer: Option<&str>) -> Option<String> {
+        let offer = offer.filter(|o| Handshake::is_handshake(o));
+        let Some(offer) = offer else {
+            // An ordinary tcp dialler.
+            if self.links.contains_key(&peer) {
+                self.settle_tcp(peer);
+            } else if self.active() {
+                self.links.insert(peer, Link::new(State::Tcp));
+            }
+            return None;
+        };
+        if !self.active() {
+            return Some(Handshake::Decline(self.reason.clone()).encode());
+        }
+        let ep = match Handshake::parse(offer) {
+            Ok(Handshake::Offer(ep)) => ep,
+            Ok(_) => return Some(Handshake::Decline("expected an offer".into()).encode()),
+            Err(e) => return Some(Handshake::Decline(e).encode()),
+        };
+        self.links
+            .entry(peer)
+            .or_insert_with(|| Link::new(State::AwaitOffer));
+        let accepted = self.ensure_qp(peer).and_then(|()| {
+            let link = self.links.get_mut(&peer).expect("inserted above");
+            let qp = link.qp.as_mut().expect("ensure_qp made it");
+            qp.connect(&ep)?;
+            Ok(qp.endpoint())
+        });
+        match accepted {
+            Ok(mine) => {
+                self.links.get_mut(&peer).expect("exists").state = State::AwaitReady;
+                Some(Handshake::Accept(mine).encode())
+            }
+            Err(e) => {
+                let why = format!("acceptor could not connect a queue pair: {e}");
+                tracing::warn!("rdma: peer {peer}: {why}; using tcp");
+                self.settle_tcp(peer);
+                Some(Handshake::Decline(why).encode())
+            }
+        }
+    }
+
+    /// The peer keeps tcp: drop its QP and hand its queued operations back to `Net`.
+    fn settle_tcp(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        link.state = State::Tcp;
+        link.qp = None;
+        link.pool = None;
+        link.inflight.clear();
+        link.ctrl.clear();
+        let ops: Vec<Op> = link.ops.drain(..).collect();
+        link.outstanding = 0;
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Send { lane, data, .. } => out.push(Replay::Send { lane, data }),
+                Op::Write {
+                    lane,
+                    src,
+                    src_offset,
+                    len,
+                    dst,
+                    imm,
+                    wr_id,
+                    mr_key,
+                    ..
+                } => {
+                    self.release_mr(mr_key);
+                    out.push(Replay::Write {
+                        lane,
+                        src,
+                        src_offset,
+                        len,
+                        dst,
+                        imm,
+                        wr_id,
+                    });
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.replay.push((peer, out));
+        }
+    }
+
+    /// Operations to re-post over tcp (peers that settled on tcp).
+    pub(crate) fn take_replay(&mut self) -> Vec<(PeerId, Vec<Replay>)> {
+        std::mem::take(&mut self.replay)
+    }
+
+    /// Peers whose RDMA link failed, with the reason: `Net` drops them.
+    pub(crate) fn take_lost(&mut self) -> Vec<(PeerId, String)> {
+        std::mem::take(&mut self.lost)
+    }
+
+    /// `Net` dropped the peer (tcp link lost, protocol error, `disconnect`): destroy its QP;
+    /// queued operations are discarded (as on tcp).
+    pub(crate) fn lose(&mut self, peer: PeerId, reason: &str) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.state == State::Tcp {
+            return;
+        }
+        link.state = State::Dead;
+        link.reason.get_or_insert_with(|| reason.to_string());
+        link.qp = None;
+        link.pool = None;
+        let mut keys = Vec::new();
+        for (_, f) in link.inflight.drain(..) {
+            if let Inflight::Final { mr_key, .. } = f {
+                keys.push(mr_key);
+            }
+        }
+        for op in link.ops.drain(..) {
+            if let Op::Write { mr_key, .. } = op {
+                keys.push(mr_key);
+            }
+        }
+        link.ctrl.clear();
+        link.outstanding = 0;
+        for k in keys {
+            self.release_mr(k);
+        }
+    }
+
+    fn fail(&mut self, peer: PeerId, reason: String) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if matches!(link.state, State::Dead | State::Tcp) {
+            return;
+        }
+        tracing::debug!(%peer, %reason, "rdma link failed");
+        self.lost.push((peer, reason.clone()));
+        self.lose(peer, &reason);
+    }
+
+    fn ensure_qp(&mut self, peer: PeerId) -> Result<()> {
+        let ctx = self.ctx.clone().ok_or_else(|| Error::Unsupported {
+            feature: "rdma",
+            reason: self.reason.clone(),
+        })?;
+        let cfg = ctx.config().clone();
+        let link = self
+            .links
+            .get_mut(&peer)
+            .ok_or(Error::UnknownPeer { peer })?;
+        if link.qp.is_some() {
+            return Ok(());
+        }
+        let chunk = cfg.msg_chunk as usize;
+        let (recv, send) = (cfg.recv_depth, cfg.send_depth);
+        let mem = vec![0u8; chunk * (recv + send) as usize].into_boxed_slice();
+        // SAFETY: `mem` lives in the Pool next to the region and is dropped after it (field
+        // order); only the NIC writes the receive slots while posted, and send slots are only
+        // written while not posted.
+        let mr = unsafe { ctx.register(mem.as_ptr() as *mut u8, mem.len()) }?;
+        let mut qp = ctx.create_qp(send, recv)?;
+        let pool = Pool { mr, mem, chunk };
+        let bufs: Vec<(u64, u32, u64, u32)> = (0..recv)
+            .map(|s| (u64::from(s), pool.mr.lkey(), pool.addr(s), chunk as u32))
+            .collect();
+        // SAFETY: every receive slot is inside the pool's region, reserved for the NIC until its
+        // completion, and the pool outlives the QP (Link field order).
+        unsafe { qp.post_recv(&bufs) }?;
+        link.free_send = (recv..recv + send).rev().collect();
+        link.sq_free = send;
+        link.qp = Some(qp);
+        link.pool = Some(pool);
+        self.stats.queue_pairs += 1;
+        Ok(())
+    }
+
+    // -------------------------------------------------------------------------- registration
+
+    /// A region was registered with the `Net`. With `BPS_TRANSPORT=rdma` it is registered with
+    /// the NIC at once (so that errors show here); otherwise on its first RDMA use.
+    pub(crate) fn register(&mut self, token: u64, ptr: *mut u8, len: usize) -> Result<()> {
+        self.regions.insert(
+            token,
+            LocalRegion {
+                ptr,
+                len,
+                mr: false,
+            },
+        );
+        if self.forced && self.active() {
+            if let Err(e) = self.ensure_mr(token) {
+                self.regions.remove(&token);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// A region was deregistered: its NIC registration is dropped once no token and no write in
+    /// flight uses it.
+    pub(crate) fn deregister(&mut self, token: u64) {
+        if let Some(r) = self.regions.remove(&token) {
+            if r.mr {
+                self.release_mr((r.ptr as u64, r.len));
+            }
+        }
+        if self.retired.0.insert(token) {
+            self.retired.1.push_back(token);
+            if self.retired.1.len() > RETIRED_MAX {
+                if let Some(old) = self.retired.1.pop_front() {
+                    self.retired.0.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Registers the token's range with the NIC (once per distinct range); returns its key.
+    fn ensure_mr(&mut self, token: u64) -> Result<(u64, usize)> {
+        let r = self
+            .regions
+            .get(&token)
+            .ok_or(Error::UnknownToken { token })?;
+        let key = (r.ptr as u64, r.len);
+        if r.mr || r.len == 0 {
+            // Zero-length regions need no registration (a zero-length request names no memory).
+            return Ok(key);
+        }
+        if let Some(e) = self.mrs.get_mut(&key) {
+            e.refs += 1;
+        } else {
+            let ctx = self.ctx.as_ref().ok_or_else(|| Error::Unsupported {
+                feature: "rdma",
+                reason: self.reason.clone(),
+            })?;
+            // SAFETY: the range was registered with the Net (unsafe `Transport::register`): it
+            // stays valid until deregistered, and the MR is dropped no earlier than that, or
+            // later only while writes from it are in flight, which the caller must also wait for.
+            let mr = unsafe { ctx.register(r.ptr, r.len) }?;
+            self.stats.mr_registrations += 1;
+            self.mrs.insert(key, MrEntry { mr, refs: 1 });
+        }
+        self.regions.get_mut(&token).expect("checked").mr = true;
+        Ok(key)
+    }
+
+    fn retain_mr(&mut self, key: (u64, usize)) {
+        if let Some(e) = self.mrs.get_mut(&key) {
+            e.refs += 1;
+        }
+    }
+
+    fn release_mr(&mut self, key: (u64, usize)) {
+        if let Some(e) = self.mrs.get_mut(&key) {
+            e.refs -= 1;
+            if e.refs == 0 {
+                self.mrs.remove(&key);
+                self.stats.mr_deregistrations += 1;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------- posting
+
+    fn admit(&mut self, peer: PeerId) -> Option<Result<()>> {
+        let link = self.links.get(&peer)?;
+        match link.state {
+            State::Tcp => None,
+            State::Dead => Some(Err(Error::PeerLost {
+                peer,
+                reason: link
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "RDMA link failed".into()),
+            })),
+            _ if link.outstanding >= self.queue_depth => Some(Err(Error::Busy { peer })),
+            _ => Some(Ok(())),
+        }
+    }
+
+    /// `try_send` for a peer the engine claims; `None` when it does not.
+    pub(crate) fn try_send(&mut self, peer: PeerId, lane: u32, msg: &[u8]) -> Option<Result<()>> {
+        match self.admit(peer)? {
+            Ok(()) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        let link = self.links.get_mut(&peer).expect("admitted");
+        link.ops.push_back(Op::Send {
+            lane,
+            data: msg.to_vec(),
+            sent: 0,
+            started: false,
+        });
+        link.outstanding += 1;
+        self.stats.messages_posted += 1;
+        self.pump(peer);
+        Some(Ok(()))
+    }
+
+    /// `try_write_imm` for a peer the engine claims (the source range was checked by `Net`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_write_imm(
+        &mut self,
+        peer: PeerId,
+        lane: u32,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+        dst: RemoteSlice,
+        imm: u32,
+        wr_id: u64,
+    ) -> Option<Result<()>> {
+        match self.admit(peer)? {
+            Ok(()) => {}
+            Err(e) => return Some(Err(e)),
+        }
+        let mr_key = match self.ensure_mr(src) {
+            Ok(k) => k,
+            Err(e) => return Some(Err(e)),
+        };
+        self.retain_mr(mr_key);
+        let link = self.links.get_mut(&peer).expect("admitted");
+        link.ops.push_back(Op::Write {
+            lane,
+            src,
+            src_offset,
+            len,
+            dst,
+            imm,
+            wr_id,
+            mr_key,
+            desc_posted: false,
+            posted: 0,
+        });
+        link.outstanding += 1;
+        self.pump(peer);
+        Some(Ok(()))
+    }
+
+    // ---------------------------------------------------------------------------- completions
+
+    /// Whether any link has a queue pair (something to poll).
+    pub(crate) fn has_links(&self) -> bool {
+        self.links.values().any(|l| l.qp.is_some()) || !self.events.is_empty()
+    }
+
+    /// Drains every queue pair's completions; appends the resulting events to `out`.
+    pub(crate) fn poll(&mut self, out: &mut VecDeque<Event>) {
+        self.poll_internal();
+        out.extend(self.events.drain(..));
+    }
+
+    fn poll_internal(&mut self) {
+        if self.ctx.is_none() {
+            return;
+        }
+        let peers: Vec<PeerId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.qp.is_some())
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in peers {
+            self.poll_link(peer);
+        }
+    }
+
+    fn poll_link(&mut self, peer: PeerId) {
+        const BATCH: usize = 64;
+        loop {
+            let mut comps = std::mem::take(&mut self.scratch);
+            comps.clear();
+            let polled = match self.links.get(&peer).and_then(|l| l.qp.as_ref()) {
+                Some(qp) => qp.poll(&mut comps, BATCH),
+                None => return,
+            };
+            let n = match polled {
+                Ok(n) => n,
+                Err(e) => {
+                    self.fail(peer, format!("RDMA link to peer {peer}: {e}"));
+                    return;
+                }
+            };
+            for c in comps.drain(..) {
+                self.on_completion(peer, c);
+            }
+            self.scratch = comps;
+            self.pump(peer);
+            if n < BATCH {
+                return;
+            }
+        }
+    }
+
+    fn on_completion(&mut self, peer: PeerId, c: Completion) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.qp.is_none() || matches!(link.state, State::Dead | State::Tcp) {
+            return;
+        }
+        if c.is_recv() {
+            if !c.is_ok() {
+                self.fail(
+                    peer,
+                    format!("RDMA receive from peer {peer} failed: {}", c.status_str()),
+                );
+                return;
+            }
+            let slot = c.wr_id as u32;
+            self.on_recv(peer, slot, &c);
+            // Give the buffer back to the NIC, unless the link died meanwhile.
+            if let Some(link) = self.links.get_mut(&peer) {
+                if let (Some(qp), Some(pool)) = (link.qp.as_mut(), link.pool.as_ref()) {
+                    let buf = (
+                        u64::from(slot),
+                        pool.mr.lkey(),
+                        pool.addr(slot),
+                        pool.chunk as u32,
+                    );
+                    // SAFETY: the slot is inside the pool's registered region, and the engine
+                    // does not touch it until its next completion; the pool outlives the QP.
+                    if let Err(e) = unsafe { qp.post_recv(&[buf]) } {
+                        self.fail(peer, format!("RDMA link to peer {peer}: {e}"));
+                    }
+                }
+            }
+            return;
+        }
+        let Some((_seq, what)) = link.inflight.pop_front() else {
+            self.fail(
+                peer,
+                format!("RDMA link to peer {peer}: a completion without a request"),
+            );
+            return;
+        };
+        link.sq_free += 1;
+        if !c.is_ok() {
+            let what = match what {
+                Inflight::Slot { ready: true, .. } => "the first message (READY)",
+                Inflight::Slot { .. } => "a SEND",
+                Inflight::Chunk | Inflight::Final { .. } => "an RDMA WRITE",
+            };
+            self.fail(
+                peer,
+                format!("{what} to peer {peer} failed: {}", c.status_str()),
+            );
+            return;
+        }
+        match what {
+            Inflight::Slot {
+                slot,
+                op_done,
+                ready,
+            } => {
+                link.free_send.push(slot);
+                if op_done {
+                    link.outstanding -= 1;
+                }
+                if ready && link.state == State::ReadySent {
+                    link.state = State::Up;
+                    self.events.push_back(Event::Connected {
+                        peer,
+                        kind: LinkKind::Rdma,
+                    });
+                }
+            }
+            Inflight::Chunk => {}
+            Inflight::Final { wr_id, mr_key } => {
+                link.outstanding -= 1;
+                self.events.push_back(Event::WriteDone { peer, wr_id });
+                self.release_mr(mr_key);
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(peer = ?peer, "closing connection: {reason}");
+        let err = Error::Protocol { peer, reason };
+        self.fail(peer, err.to_string());
+    }
+
+    fn on_recv(&mut self, peer: PeerId, slot: u32, c: &Completion) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if c.opcode == Completion::RECV_RDMA_WITH_IMM {
+            let Some((token, offset, len)) = link.descs.pop_front() else {
+                self.protocol_error(
+                    peer,
+                    "RDMA write with immediate without a descriptor".into(),
+                );
+                return;
+            };
+            // A region deregistered meanwhile: the write is discarded.
+            if self.regions.contains_key(&token) {
+                self.events.push_back(Event::WriteReceived {
+                    peer,
+                    imm: c.imm.unwrap_or(0),
+                    token,
+                    offset,
+                    len,
+                });
+            }
+            return;
+        }
+        let Some(pool) = link.pool.as_ref() else {
+            return;
+        };
+        let off = slot as usize * pool.chunk;
+        let n = (c.byte_len as usize).min(pool.chunk);
+        let bytes = pool.mem[off..off + n].to_vec();
+        let msg = match wire::decode(&bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                self.protocol_error(peer, e);
+                return;
+            }
+        };
+        match msg {
+            Send::Msg { lane, last, data } => {
+                let max = self.max_msg;
+                let (l, buf) = link.rx_msg.get_or_insert_with(|| (lane, Vec::new()));
+                if buf.len() + data.len() > max {
+                    self.protocol_error(
+                        peer,
+                        format!("message of more than {max} bytes (the control-message limit)"),
+                    );
+                    return;
+                }
+                buf.extend_from_slice(data);
+                let lane = *l;
+                if last {
+                    let (_, data) = link.rx_msg.take().expect("just filled");
+                    self.events.push_back(Event::Message { peer, lane, data });
+                }
+            }
+            Send::Desc {
+                token,
+                offset,
+                len,
+                no_data,
+            } => match self.regions.get(&token) {
+                Some(r) => {
+                    if offset.checked_add(len).is_none_or(|e| e > r.len as u64) || no_data {
+                        let e = Error::OutOfBounds {
+                            token,
+                            offset,
+                            len,
+                            region_len: r.len as u64,
+                        };
+                        self.protocol_error(peer, e.to_string());
+                    } else {
+                        link.descs.push_back((token, offset, len));
+                    }
+                }
+                None if self.retired.0.contains(&token) => {
+                    if !no_data {
+                        link.descs.push_back((token, offset, len));
+                    }
+                }
+                None => {
+                    self.protocol_error(peer, format!("write to unknown memory token {token:#x}"))
+                }
+            },
+            Send::Resolve { token } => {
+                if self.regions.contains_key(&token) {
+                    match self.ensure_mr(token) {
+                        Ok(key) => {
+                            let r = &self.regions[&token];
+                            let rkey = self.mrs.get(&key).map_or(0, |e| e.mr.rkey());
+                            let a = wire::encode_announce(token, r.ptr as u64, r.len as u64, rkey, wire::ANN_OK);
+                            if let Some(link) = self.links.get_mut(&peer) {
+                                link.ctrl.push_back(a.to_vec());
+                            }
+                        }
+                        Err(e) => self.fail(
+                            peer,
+                            format!("cannot register region {token:#x} for RDMA writes from peer {peer}: {e}"),
+                        ),
+                    }
+                } else if self.retired.0.contains(&token) {
+                    let a = wire::encode_announce(token, 0, 0, 0, wire::ANN_RETIRED);
+                    link.ctrl.push_back(a.to_vec());
+                } else {
+                    self.protocol_error(peer, format!("write to unknown memory token {token:#x}"));
+                }
+            }
+            Send::Announce {
+                token,
+                addr,
+                len,
+                rkey,
+                status,
+            } => {
+                let r = if status == wire::ANN_OK {
+                    Remote::Known { addr, rkey, len }
+                } else {
+                    Remote::Retired
+                };
+                link.remote.insert(token, r);
+            }
+            Send::Ready => {
+                if link.state == State::AwaitReady {
+                    link.state = State::Up;
+                    self.events.push_back(Event::Connected {
+                        peer,
+                        kind: LinkKind::Rdma,
+                    });
+                } else {
+                    self.protocol_error(peer, "unexpected READY on an RDMA link".into());
+                }
+            }
+        }
+    }
+
+    /// Before `Net::poll` sleeps: spin for the busy-poll budget, then arm every completion queue
+    /// and look once more (a completion between the last poll and the arming raises no event).
+    /// Returns false when there is something to report (do not sleep).
+    pub(crate) fn prepare_sleep(&mut self) -> bool {
+        if !self.events.is_empty() {
+            return false;
+        }
+        if !self.has_links() {
+            return true;
+        }
+        let budget = self.cfg.busy_poll;
+        if !budget.is_zero() {
+            let start = std::time::Instant::now();
+            while start.elapsed() < budget {
+                self.poll_internal();
+                if !self.events.is_empty() || !self.lost.is_empty() {
+                    return false;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        let mut failed = Vec::new();
+        for (peer, link) in &self.links {
+            if let Some(qp) = &link.qp {
+                if let Err(e) = qp.arm() {
+                    failed.push((*peer, e.to_string()));
+                }
+            }
+        }
+        for (peer, e) in failed {
+            self.fail(peer, e);
+        }
+        self.poll_internal();
+        self.events.is_empty() && self.lost.is_empty() && self.replay.is_empty()
+    }
+
+    /// The completion channel is readable: consume its events (the completions themselves are
+    /// polled by `poll`).
+    pub(crate) fn on_channel_ready(&mut self) {
+        if let Some(ctx) = &self.ctx {
+            if let Err(e) = ctx.drain_channel() {
+                tracing::warn!("rdma: {e}");
+            }
+        }
+    }
+
+    /// Posts what the link's resources allow: control messages first, then application
+    /// operations in order.
+    fn pump(&mut self, peer: PeerId) {
+        let max_wr = self
+            .ctx
+            .as_ref()
+            .map_or(1 << 30, |c| c.summary().max_msg_bytes.clamp(4096, 1 << 30));
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        let mut out = PumpOut::default();
+        let result = pump_link(link, peer, &self.mrs, max_wr, &mut out);
+        self.stats.resolves_sent += out.resolves;
+        self.stats.writes_posted += out.writes;
+        for k in out.release {
+            self.release_mr(k);
+        }
+        self.events.extend(out.events);
+        if let Err(e) = result {
+            self.fail(peer, format!("RDMA post to peer {peer} failed: {e}"));
+        }
+    }
+}
+
+#[derive(Default)]
+struct PumpOut {
+    events: Vec<Event>,
+    release: Vec<(u64, usize)>,
+    resolves: u64,
+    writes: u64,
+}
+
+fn has_room(link: &Link) -> bool {
+    !link.free_send.is_empty() && link.sq_free > 0
+}
+
+fn pump_link(
+    link: &mut Link,
+    peer: PeerId,
+    mrs: &HashMap<(u64, usize), MrEntry>,
+    max_wr: u64,
+    out: &mut PumpOut,
+) -> Result<()> {
+    if !matches!(link.state, State::Up | State::ReadySent | State::AwaitReady) {
+        return Ok(());
+    }
+    // Control messages (READY, RESOLVE, ANNOUNCE) go first, whatever the application queue holds.
+    while !link.ctrl.is_empty() {
+        if !has_room(link) {
+            return Ok(());
+        }
+        let c = link.ctrl.pop_front().expect("not empty");
+        let ready = c.first() == Some(&(wire::Kind::Ready as u8));
+        post_slot(link, &c, false, ready)?;
+    }
+    if link.state != State::Up {
+        return Ok(());
+    }
+    loop {
+        let finished = match link.ops.front() {
+            None => return Ok(()),
+            Some(Op::Send { .. }) => pump_send(link)?,
+            Some(Op::Write { .. }) => pump_write(link, peer, mrs, max_wr, out)?,
+        };
+        if !finished {
+            return Ok(());
+        }
+        link.ops.pop_front();
+    }
+}
+
+/// Posts fragments of the message at the front; true when all of it is posted.
+fn pump_send(link: &mut Link) -> Result<bool> {
+    let room = link.pool.as_ref().expect("up links have a pool").chunk - wire::HDR;
+    loop {
+        let Some(Op::Send {
+            lane,
+            data,
+            sent,
+            started,
+        }) = link.ops.front()
+        else {
+            unreachable!("called for a send at the front")
+        };
+        if *started && *sent >= data.len() {
+            return Ok(true);
+        }
+        if !has_room(link) {
+            return Ok(false);
+        }
+        let n = room.min(data.len() - *sent);
+        let last = *sent + n == data.len();
+        let mut frag = Vec::with_capacity(wire::HDR + n);
+        frag.extend_from_slice(&wire::header(
+            wire::Kind::Msg,
+            if last { wire::F_LAST } else { 0 },
+            *lane,
+        ));
+        frag.extend_from_slice(&data[*sent..*sent + n]);
+        post_slot(link, &frag, last, false)?;
+        if let Some(Op::Send { sent, started, .. }) = link.ops.front_mut() {
+            *sent += n;
+            *started = true;
+        }
+    }
+}
+
+/// Resolves, describes and posts the write at the front; true when it is fully posted (or
+/// completed without sending).
+fn pump_write(
+    link: &mut Link,
+    peer: PeerId,
+    mrs: &HashMap<(u64, usize), MrEntry>,
+    max_wr: u64,
+    out: &mut PumpOut,
+) -> Result<bool> {
+    let Some(&Op::Write {
+        src_offset,
+        len,
+        dst,
+        imm,
+        wr_id,
+        mr_key,
+        desc_posted,
+        ..
+    }) = link.ops.front()
+    else {
+        unreachable!("called for a write at the front")
+    };
+    if !desc_posted {
+        match link.remote.get(&dst.token).copied() {
+            None => {
+                link.remote.insert(dst.token, Remote::Pending);
+                out.resolves += 1;
+                let c = wire::encode_resolve(dst.token).to_vec();
+                if has_room(link) {
+                    post_slot(link, &c, false, false)?;
+                } else {
+                    link.ctrl.push_back(c);
+                }
+                return Ok(false);
+            }
+            Some(Remote::Pending) => return Ok(false),
+            Some(Remote::Retired) => {
+                // The peer deregistered it: dropped, as tcp drops it at the receiver.
+                out.events.push(Event::WriteDone { peer, wr_id });
+                out.release.push(mr_key);
+                link.outstanding -= 1;
+                return Ok(true);
+            }
+            Some(Remote::Known { len: rlen, .. }) => {
+                if !has_room(link) {
+                    return Ok(false);
+                }
+                let oob = dst.offset.checked_add(len).is_none_or(|e| e > rlen);
+                let d = wire::encode_desc(dst.token, dst.offset, len, oob);
+                post_slot(link, &d, false, false)?;
+                if oob {
+                    // The receiver closes the link on this descriptor, as it would on tcp.
+                    out.release.push(mr_key);
+                    link.outstanding -= 1;
+                    return Ok(true);
+                }
+                if let Some(Op::Write { desc_posted, .. }) = link.ops.front_mut() {
+                    *desc_posted = true;
+                }
+            }
+        }
+    }
+    let Some(Remote::Known { addr, rkey, .. }) = link.remote.get(&dst.token).copied() else {
+        unreachable!("a descriptor is only posted for a known region")
+    };
+    let (lkey, base) = if len == 0 {
+        (0, 0)
+    } else {
+        match mrs.get(&mr_key) {
+            Some(e) => (e.mr.lkey(), e.mr.addr()),
+            None => unreachable!("the op holds a reference on its source region"),
+        }
+    };
+    loop {
+        let Some(&Op::Write { posted, .. }) = link.ops.front() else {
+            unreachable!("called for a write at the front")
+        };
+        if link.sq_free == 0 {
+            return Ok(false);
+        }
+        let n = (len - posted).min(max_wr);
+        let last = posted + n == len;
+        link.seq += 1;
+        let (laddr, raddr) = (base + src_offset + posted, addr + dst.offset + posted);
+        let wr = if last {
+            WorkRequest::WriteImm {
+                wr_id: link.seq,
+                lkey,
+                addr: laddr,
+                len: n as u32,
+                rkey,
+                remote_addr: raddr,
+                imm,
+            }
+        } else {
+            WorkRequest::Write {
+                wr_id: link.seq,
+                lkey,
+                addr: laddr,
+                len: n as u32,
+                rkey,
+                remote_addr: raddr,
+            }
+        };
+        let qp = link.qp.as_mut().expect("up links have a QP");
+        // SAFETY: the source range lies in a registered region (the op holds a reference on it,
+        // released at this request's completion); the destination is the range the peer
+        // announced for this token, and the descriptor just sent found it in bounds.
+        unsafe { qp.post_send(&[wr]) }?;
+        link.sq_free -= 1;
+        let what = if last {
+            Inflight::Final { wr_id, mr_key }
+        } else {
+            Inflight::Chunk
+        };
+        link.inflight.push_back((link.seq, what));
+        if let Some(Op::Write { posted, .. }) = link.ops.front_mut() {
+            *posted += n;
+        }
+        if last {
+            out.writes += 1;
+            return Ok(true);
+        }
+    }
+}
+
+/// Copies `bytes` into a free send slot of the link and posts it as a SEND.
+fn post_slot(link: &mut Link, bytes: &[u8], op_done: bool, ready: bool) -> Result<()> {
+    let slot = link.free_send.pop().expect("caller checked a free slot");
+    let pool = link.pool.as_mut().expect("a link with a QP has a pool");
+    let addr = pool.addr(slot);
+    let off = slot as usize * pool.chunk;
+    pool.mem[off..off + bytes.len()].copy_from_slice(bytes);
+    let lkey = pool.mr.lkey();
+    link.seq += 1;
+    let qp = link.qp.as_mut().expect("a link with a pool has a QP");
+    // SAFETY: the slot lies in the pool's registered region; it stays untouched until its
+    // completion returns it to `free_send`.
+    let r = unsafe {
+        qp.post_send(&[WorkRequest::Send {
+            wr_id: link.seq,
+            lkey,
+            addr,
+            len: bytes.len() as u32,
+        }])
+    };
+    if let Err(e) = r {
+        link.free_send.push(slot);
+        return Err(e);
+    }
+    link.sq_free -= 1;
+    link.inflight.push_back((
+        link.seq,
+        Inflight::Slot {
+            slot,
+            op_done,
+            ready,
+        },
+    ));
+    Ok(())
+}

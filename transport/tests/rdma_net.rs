@@ -1,0 +1,545 @@
+//! `Net` over RDMA, beyond the conformance suite: the registration cache, a peer killed in the
+//! middle of a transfer, and the fallback to tcp where there is no device.
+//!
+//! The RDMA tests need feature `rdma` and a device (Soft-RoCE in `ci/softroce`'s guest); without
+//! one they print why and pass, unless `BPS_RDMA_REQUIRE=1`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bps_transport::rdma::{self, RdmaConfig};
+use bps_transport::{Event, LinkKind, Net, NetConfig, PeerAddr, PeerId, RemoteSlice, Transport};
+
+fn rdma_config() -> RdmaConfig {
+    RdmaConfig {
+        device: std::env::var("RXE_DEV").ok(),
+        gid_index: std::env::var("RXE_GID_INDEX")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+        ..RdmaConfig::default()
+    }
+}
+
+fn have_device() -> bool {
+    match rdma::probe(&rdma_config()) {
+        Ok(_) => true,
+        Err(e) if std::env::var("BPS_RDMA_REQUIRE").as_deref() == Ok("1") => {
+            panic!("BPS_RDMA_REQUIRE=1 but no usable RDMA device: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            false
+        }
+    }
+}
+
+fn config(me: u32) -> NetConfig {
+    let mut c = NetConfig::new(PeerId(me), "127.0.0.1:0".parse().expect("literal"));
+    c.force = Some(LinkKind::Rdma);
+    c.unix_dir = None;
+    c.rdma = rdma_config();
+    c.connect_timeout = Duration::from_secs(10);
+    c
+}
+
+/// Polls `net` until `f` accepts an event (returned), failing after `limit`.
+fn wait<T>(
+    net: &mut Net,
+    ev: &mut Vec<Event>,
+    limit: Duration,
+    what: &str,
+    mut f: impl FnMut(&Event) -> Option<T>,
+) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(i) = ev.iter().position(|e| f(e).is_some()) {
+            let e = ev.remove(i);
+            return f(&e).expect("accepted above");
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out waiting for {what}; events: {ev:?}"
+        );
+        net.poll(ev, Some(Duration::from_millis(5))).expect("poll");
+    }
+}
+
+fn pump(a: &mut Net, ea: &mut Vec<Event>, b: &mut Net, eb: &mut Vec<Event>) {
+    a.poll(ea, Some(Duration::from_millis(1))).expect("poll a");
+    b.poll(eb, Some(Duration::from_millis(1))).expect("poll b");
+}
+
+fn connect(a: &mut Net, b: &mut Net) -> (Vec<Event>, Vec<Event>) {
+    a.add_peer(PeerId(1), b.local_addr()).expect("add 1");
+    b.add_peer(PeerId(0), a.local_addr()).expect("add 0");
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    let end = Instant::now() + Duration::from_secs(20);
+    let connected = |ev: &Vec<Event>| {
+        ev.iter().any(|e| {
+            matches!(
+                e,
+                Event::Connected {
+                    kind: LinkKind::Rdma,
+                    ..
+                }
+            )
+        })
+    };
+    while !(connected(&ea) && connected(&eb)) {
+        assert!(Instant::now() < end, "no RDMA link: {ea:?} / {eb:?}");
+        pump(a, &mut ea, b, &mut eb);
+    }
+    ea.clear();
+    eb.clear();
+    assert_eq!(a.link_kind(PeerId(1)), Some(LinkKind::Rdma));
+    (ea, eb)
+}
+
+/// A buffer reused for 1000 writes is registered with the NIC once on each side, and its token
+/// is resolved once; registering the same range again under a new token does not register it
+/// again either.
+#[test]
+fn registration_cache_1000_writes_register_once() {
+    if !have_device() {
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    let before = (a.rdma_stats(), b.rdma_stats());
+    let mut src = vec![7u8; 64 << 10].into_boxed_slice();
+    let mut dst = vec![0u8; 64 << 10].into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (dropped at the end of the test, after `a` and `b`
+    // are dropped explicitly below) and are only read after the writes completed.
+    let (s, d) = unsafe {
+        (
+            a.register(src.as_mut_ptr(), src.len())
+                .expect("register src"),
+            b.register(dst.as_mut_ptr(), dst.len())
+                .expect("register dst"),
+        )
+    };
+    const N: u64 = 1000;
+    let (mut posted, mut done, mut got) = (0u64, 0u64, 0u64);
+    let end = Instant::now() + Duration::from_secs(120);
+    while done < N || got < N {
+        while posted < N {
+            let off = (posted * 64) % (64 << 10);
+            match a.try_write_imm(
+                PeerId(1),
+                0,
+                s.token,
+                off,
+                64,
+                RemoteSlice {
+                    token: d.token,
+                    offset: off,
+                },
+                posted as u32,
+                posted,
+            ) {
+                Ok(()) => posted += 1,
+                Err(e) if e.is_busy() => break,
+                Err(e) => panic!("write {posted}: {e}"),
+            }
+        }
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        done += ea
+            .drain(..)
+            .filter(|e| matches!(e, Event::WriteDone { .. }))
+            .count() as u64;
+        for e in eb.drain(..) {
+            if let Event::WriteReceived {
+                imm, token, len, ..
+            } = e
+            {
+                assert_eq!((imm as u64, token, len), (got, d.token, 64), "in order");
+                got += 1;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "1000 writes did not finish: {done} done, {got} received"
+        );
+    }
+    // The same range under a second token: no new NIC registration.
+    // SAFETY: as above.
+    let s2 = unsafe { a.register(src.as_mut_ptr(), src.len()) }.expect("register again");
+    a.try_write_imm(
+        PeerId(1),
+        0,
+        s2.token,
+        0,
+        8,
+        RemoteSlice {
+            token: d.token,
+            offset: 0,
+        },
+        1,
+        1,
+    )
+    .expect("write from the second token");
+    wait(&mut a, &mut ea, Duration::from_secs(20), "WriteDone", |e| {
+        matches!(e, Event::WriteDone { wr_id: 1, .. }).then_some(())
+    });
+    let (sa, sb) = (a.rdma_stats(), b.rdma_stats());
+    eprintln!("sender {sa:?}\nreceiver {sb:?}");
+    assert_eq!(
+        sa.mr_registrations - before.0.mr_registrations,
+        1,
+        "source registered once"
+    );
+    assert_eq!(
+        sb.mr_registrations - before.1.mr_registrations,
+        1,
+        "destination registered once"
+    );
+    assert_eq!(
+        sa.resolves_sent - before.0.resolves_sent,
+        1,
+        "destination token resolved once"
+    );
+    assert_eq!(sa.writes_posted - before.0.writes_posted, N + 1);
+    assert!(
+        dst[..(N * 64) as usize].iter().all(|x| *x == 7),
+        "every write landed"
+    );
+    drop((a, b));
+}
+
+/// The receiver process is killed (SIGKILL) while 64 MiB writes stream into it: the writer
+/// reports `PeerLost` for it within seconds, and nothing hangs.
+#[test]
+fn peer_killed_mid_transfer_is_lost_not_hung() {
+    if std::env::var("BPS_RDMA_CHILD").is_ok() || !have_device() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "child_receiver",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("BPS_RDMA_CHILD", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the receiver");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    let (addr, token) = loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).expect("read") > 0,
+            "the receiver exited early"
+        );
+        // libtest prints "test child_receiver ... " on the same line first.
+        if let Some(rest) = line.find("CHILD ").map(|i| line[i + 6..].trim()) {
+            let (a, t) = rest.split_once(' ').expect("addr token");
+            break (a.parse().expect("addr"), t.parse::<u64>().expect("token"));
+        }
+    };
+    let mut a = Net::bind(config(0)).expect("bind");
+    let host = a.local_addr().host;
+    a.add_peer(
+        PeerId(1),
+        PeerAddr {
+            tcp: addr,
+            unix: None,
+            host,
+        },
+    )
+    .expect("add the receiver");
+    let mut ev = Vec::new();
+    wait(&mut a, &mut ev, Duration::from_secs(20), "Connected", |e| {
+        matches!(
+            e,
+            Event::Connected {
+                kind: LinkKind::Rdma,
+                ..
+            }
+        )
+        .then_some(())
+    });
+    const LEN: usize = 64 << 20;
+    let mut src = vec![1u8; LEN].into_boxed_slice();
+    // SAFETY: `src` outlives `a` (dropped explicitly below first).
+    let s = unsafe { a.register(src.as_mut_ptr(), LEN) }.expect("register");
+    let mut i = 0u64;
+    let mut done = 0;
+    // Stream until the first write completed, then kill the receiver with writes in flight.
+    while done == 0 {
+        match a.try_write_imm(
+            PeerId(1),
+            0,
+            s.token,
+            0,
+            LEN as u64,
+            RemoteSlice { token, offset: 0 },
+            i as u32,
+            i,
+        ) {
+            Ok(()) => i += 1,
+            Err(e) if e.is_busy() => {}
+            Err(e) => panic!("write: {e}"),
+        }
+        a.poll(&mut ev, Some(Duration::from_millis(5)))
+            .expect("poll");
+        done += ev
+            .iter()
+            .filter(|e| matches!(e, Event::WriteDone { .. }))
+            .count();
+        ev.retain(|e| !matches!(e, Event::WriteDone { .. }));
+    }
+    for _ in 0..4 {
+        let _ = a.try_write_imm(
+            PeerId(1),
+            0,
+            s.token,
+            0,
+            LEN as u64,
+            RemoteSlice { token, offset: 0 },
+            0,
+            0,
+        );
+    }
+    child.kill().expect("kill the receiver");
+    let killed = Instant::now();
+    let _ = child.wait();
+    let why = wait(
+        &mut a,
+        &mut ev,
+        Duration::from_secs(30),
+        "PeerLost",
+        |e| match e {
+            Event::PeerLost { peer, error } if *peer == PeerId(1) => Some(error.to_string()),
+            _ => None,
+        },
+    );
+    eprintln!(
+        "receiver killed; PeerLost after {:?}: {why}",
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() < Duration::from_secs(30));
+    match a.try_send(PeerId(1), 0, b"anyone?") {
+        Err(bps_transport::Error::PeerLost { .. }) => {}
+        other => panic!("send to the lost peer: {other:?}"),
+    }
+    drop(a);
+    drop(src);
+}
+
+/// The receiving side of `peer_killed_mid_transfer_is_lost_not_hung`, run in a child process.
+#[test]
+fn child_receiver() {
+    if std::env::var("BPS_RDMA_CHILD").is_err() {
+        return;
+    }
+    let mut b = Net::bind(config(1)).expect("bind");
+    let mut dst = vec![0u8; 64 << 20].into_boxed_slice();
+    // SAFETY: `dst` lives until the process is killed (never freed while `b` lives).
+    let d = unsafe { b.register(dst.as_mut_ptr(), dst.len()) }.expect("register");
+    let addr = b.local_addr().tcp;
+    println!("CHILD {addr} {}", d.token);
+    std::io::stdout().flush().expect("flush");
+    let mut ev = Vec::new();
+    let end = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < end {
+        b.poll(&mut ev, Some(Duration::from_millis(10)))
+            .expect("poll");
+        ev.clear();
+    }
+    drop(b);
+    drop(dst);
+}
+
+/// Where there is no device, `BPS_TRANSPORT=rdma` falls back to tcp: the peers connect over
+/// tcp and messages flow.
+#[test]
+fn without_device_rdma_falls_back_to_tcp() {
+    if rdma::probe(&rdma_config()).is_ok() {
+        eprintln!("skipped: this machine has an RDMA device");
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    a.add_peer(PeerId(1), b.local_addr()).expect("add");
+    b.add_peer(PeerId(0), a.local_addr()).expect("add");
+    a.try_send(PeerId(1), 0, b"over tcp").expect("send");
+    let (mut ea, mut eb) = (Vec::new(), Vec::new());
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        if eb
+            .iter()
+            .any(|e| matches!(e, Event::Message { data, .. } if data == b"over tcp"))
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "{ea:?} {eb:?}");
+    }
+    assert!(ea.iter().any(|e| matches!(
+        e,
+        Event::Connected {
+            kind: LinkKind::Tcp,
+            ..
+        }
+    )));
+    assert_eq!(a.link_kind(PeerId(1)), Some(LinkKind::Tcp));
+    assert_eq!(a.rdma_stats(), Default::default());
+}
+
+/// "Writes still arriving for it are discarded", the case RDMA can honour: the write landed
+/// (the sender got `WriteDone`) but the receiver has not polled its completion when it
+/// deregisters the destination: no `WriteReceived` is reported and the link stays usable. A
+/// warm-up write resolves the token first (the conformance version of this test polls only the
+/// sender, so the first resolution could never be answered).
+#[test]
+fn deregister_discards_a_write_already_landed() {
+    if !have_device() {
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    let mut src = vec![5u8; 4096].into_boxed_slice();
+    let mut dst = vec![0u8; 4096].into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (dropped explicitly first).
+    let (s, d) = unsafe {
+        (
+            a.register(src.as_mut_ptr(), 4096).expect("register"),
+            b.register(dst.as_mut_ptr(), 4096).expect("register"),
+        )
+    };
+    let w = |a: &mut Net, imm: u32| {
+        a.try_write_imm(
+            PeerId(1),
+            0,
+            s.token,
+            0,
+            4096,
+            RemoteSlice {
+                token: d.token,
+                offset: 0,
+            },
+            imm,
+            u64::from(imm),
+        )
+        .expect("write")
+    };
+    w(&mut a, 1);
+    let end = Instant::now() + Duration::from_secs(20);
+    while !eb
+        .iter()
+        .any(|e| matches!(e, Event::WriteReceived { imm: 1, .. }))
+    {
+        assert!(Instant::now() < end, "warm-up write");
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+    }
+    eb.clear();
+    w(&mut a, 2);
+    wait(
+        &mut a,
+        &mut ea,
+        Duration::from_secs(20),
+        "WriteDone of the second write",
+        |e| matches!(e, Event::WriteDone { wr_id: 2, .. }).then_some(()),
+    );
+    b.deregister(d.token)
+        .expect("deregister with a landed, unreported write");
+    a.try_send(PeerId(1), 0, b"behind the write").expect("send");
+    let got = wait(
+        &mut b,
+        &mut eb,
+        Duration::from_secs(20),
+        "the message behind the write",
+        |e| match e {
+            Event::WriteReceived { .. } => Some(Err(format!("{e:?}"))),
+            Event::Message { data, .. } if data == b"behind the write" => Some(Ok(())),
+            _ => None,
+        },
+    );
+    got.expect("the discarded write was reported");
+    drop((a, b));
+}
+
+/// Net-level throughput of 1 MiB `try_write_imm`s (64 MiB in all), over RDMA and over tcp on the
+/// same machine, for the report (not asserted).
+#[test]
+fn net_write_throughput_rdma_vs_tcp() {
+    if !have_device() {
+        return;
+    }
+    for kind in [LinkKind::Rdma, LinkKind::Tcp] {
+        let mk = |me| {
+            let mut c = config(me);
+            c.force = Some(kind);
+            Net::bind(c).expect("bind")
+        };
+        let (mut a, mut b) = (mk(0), mk(1));
+        a.add_peer(PeerId(1), b.local_addr()).expect("add");
+        b.add_peer(PeerId(0), a.local_addr()).expect("add");
+        let (mut ea, mut eb) = (Vec::new(), Vec::new());
+        let end = Instant::now() + Duration::from_secs(20);
+        while !ea.iter().any(|e| matches!(e, Event::Connected { .. })) {
+            assert!(Instant::now() < end);
+            pump(&mut a, &mut ea, &mut b, &mut eb);
+        }
+        const TOTAL: usize = 64 << 20;
+        const CHUNK: u64 = 1 << 20;
+        let mut src = vec![3u8; TOTAL].into_boxed_slice();
+        let mut dst = vec![0u8; TOTAL].into_boxed_slice();
+        // SAFETY: both buffers outlive the Nets (dropped explicitly first).
+        let (s, d) = unsafe {
+            (
+                a.register(src.as_mut_ptr(), TOTAL).expect("register"),
+                b.register(dst.as_mut_ptr(), TOTAL).expect("register"),
+            )
+        };
+        let n = (TOTAL as u64) / CHUNK;
+        let start = Instant::now();
+        let (mut posted, mut got) = (0u64, 0u64);
+        while got < n {
+            while posted < n {
+                let off = posted * CHUNK;
+                match a.try_write_imm(
+                    PeerId(1),
+                    0,
+                    s.token,
+                    off,
+                    CHUNK,
+                    RemoteSlice {
+                        token: d.token,
+                        offset: off,
+                    },
+                    posted as u32,
+                    posted,
+                ) {
+                    Ok(()) => posted += 1,
+                    Err(e) if e.is_busy() => break,
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            pump(&mut a, &mut ea, &mut b, &mut eb);
+            ea.clear();
+            got += eb
+                .drain(..)
+                .filter(|e| matches!(e, Event::WriteReceived { .. }))
+                .count() as u64;
+            assert!(
+                start.elapsed() < Duration::from_secs(180),
+                "{kind}: {got} of {n}"
+            );
+        }
+        let secs = start.elapsed().as_secs_f64();
+        assert!(dst.iter().all(|x| *x == 3));
+        println!(
+            "RESULT Net {kind}: 64 MiB as 1 MiB try_write_imm, two Nets in one thread: {:.1} MB/s",
+            TOTAL as f64 / secs / 1e6
+        );
+        drop((a, b));
+    }
+}
