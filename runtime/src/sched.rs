@@ -74,6 +74,8 @@ struct Node {
 }
 
 struct TensorRec {
+    /// Set once workers disagreed on the tensor: every later placement gets the same error.
+    failed: Option<String>,
     name: String,
     bytes: u64,
     dtype: u8,
@@ -324,6 +326,11 @@ impl State {
             .map(|n| n.label.clone())
             .unwrap_or_default();
         if let Some(t) = self.tensors.get_mut(&tensor) {
+            if let Some(reason) = t.failed.clone() {
+                t.placed_by.insert(conn);
+                self.send(conn, &Msg::PlaceError { tensor, reason });
+                return;
+            }
             if t.name != name || t.bytes != bytes || t.dtype != dtype {
                 let dt = |d: u8| DType::from_u8(d).map_or("?".to_string(), |d| d.to_string());
                 let reason = format!(
@@ -331,8 +338,9 @@ impl State {
                      every worker must declare the same tensors, in the same order, with the same size and dtype",
                     t.name, t.bytes, dt(t.dtype), t.first, name, bytes, dt(dtype), who
                 );
-                let mut to: Vec<usize> = t.placed_by.iter().copied().collect();
-                to.push(conn);
+                t.failed = Some(reason.clone());
+                t.placed_by.insert(conn);
+                let to: Vec<usize> = t.placed_by.iter().copied().collect();
                 for c in to {
                     self.send(
                         c,
@@ -383,6 +391,7 @@ impl State {
         self.tensors.insert(
             tensor,
             TensorRec {
+                failed: None,
                 name,
                 bytes,
                 dtype,
@@ -903,6 +912,13 @@ pub(crate) fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> 
     let mut last = String::new();
     while Instant::now() < deadline {
         match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            // Retrying a port nobody listens on yet can connect a socket to itself (TCP
+            // simultaneous open when the kernel picks the same ephemeral port): not a scheduler.
+            Ok(s) if s.local_addr().ok() == s.peer_addr().ok() => {
+                last = "connected to itself (nobody listening yet)".into();
+                drop(s);
+                std::thread::sleep(Duration::from_millis(50));
+            }
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);

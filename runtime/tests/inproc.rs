@@ -183,6 +183,34 @@ fn mismatched_declarations_fail_on_every_worker() {
 }
 
 #[test]
+fn a_mismatch_reaches_every_worker_even_those_that_place_later() {
+    job(4, 1, &[("BPS_TIMEOUT", "20s")], |b| {
+        // worker 1 disagrees; workers 2 and 3 agree with worker 0 but come later
+        if b.rank() >= 2 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let n = if b.rank() == 1 { 10 } else { 20 };
+        let t = std::time::Instant::now();
+        let e = b
+            .push_pull("mm", vec![1.0f32; n], PushPullOpts::default())
+            .unwrap()
+            .wait()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("40 bytes") && e.contains("80 bytes"),
+            "rank {}: {e}",
+            b.rank()
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "took {:?}",
+            t.elapsed()
+        );
+    });
+}
+
+#[test]
 fn same_name_with_another_size_on_one_worker_is_an_error() {
     job(1, 0, &[], |b| {
         b.push_pull("z", vec![1.0f32; 8], PushPullOpts::default())

@@ -1771,6 +1771,20 @@ impl Transport for Net {
                     if st.connecting && (writable || error) {
                         if let Io::Tcp(s) = &st.io {
                             let err = s.take_error().ok().flatten();
+                            // A dial to a port nobody listens on yet can connect the socket to
+                            // itself (simultaneous open on the same ephemeral port).
+                            let selfie = s
+                                .peer_addr()
+                                .ok()
+                                .is_some_and(|p| s.local_addr().ok() == Some(p));
+                            let err = err.or_else(|| {
+                                selfie.then(|| {
+                                    io::Error::new(
+                                        io::ErrorKind::ConnectionRefused,
+                                        "connected to itself",
+                                    )
+                                })
+                            });
                             match (err, s.peer_addr()) {
                                 (None, Ok(_)) => {
                                     st.connecting = false;
