@@ -181,7 +181,9 @@ fn start(cfg: Config) -> Result<Inner> {
         return Err(Error::Config {
             var: "BPS_TRANSPORT".into(),
             value: "rdma".into(),
-            allowed: "auto | tcp | shm (this build has no RDMA backend: build with the `rdma` feature)".into(),
+            allowed:
+                "auto | tcp | shm (this build has no RDMA backend: build with the `rdma` feature)"
+                    .into(),
         });
     }
     if cfg.transport == Some(LinkKind::Tcp) {
