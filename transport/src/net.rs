@@ -38,6 +38,8 @@ const RX_BUF: usize = 64 << 10;
 /// Payload remainders at least this large are read straight into their destination.
 const DIRECT_READ: usize = 16 << 10;
 const MAX_IOV: usize = 16;
+/// Accepted connections that have not finished their handshake, at most.
+const MAX_ANONYMOUS: usize = 1024;
 
 /// Configuration of a [`Net`].
 #[derive(Clone, Debug)]
@@ -224,6 +226,8 @@ const LABEL_DIALER: &[u8] = b"bps-link-dialer-v1";
 
 struct Stream {
     io: Io,
+    /// When the stream was opened (anonymous streams must finish their handshake in time).
+    born: Instant,
     auth: Auth,
     /// The remote address, for logs of refused connections.
     remote: String,
@@ -250,6 +254,7 @@ impl Stream {
     fn new(io: Io, peer: Option<PeerId>, lane: u32, kind: LinkKind) -> Self {
         Stream {
             io,
+            born: Instant::now(),
             auth: Auth::Done,
             remote: String::new(),
             peer,
@@ -364,7 +369,12 @@ fn parse_hello(b: &[u8]) -> std::result::Result<Hello, crate::codec::DecodeError
 
 impl Net {
     /// Listen and get ready. Fails with [`Error::AddrInUse`] when the port is taken.
+    ///
+    /// The first `Net` of a process also makes a write to a reset connection an error instead
+    /// of a fatal SIGPIPE, when the process left SIGPIPE at its default (C and Python hosts do;
+    /// Rust binaries already ignore it): `writev` has no MSG_NOSIGNAL flag.
     pub fn bind(cfg: NetConfig) -> Result<Net> {
+        ignore_sigpipe();
         let poll = Poll::new().map_err(|e| Error::io("create epoll instance", e))?;
         let waker = Arc::new(
             mio::Waker::new(poll.registry(), WAKER).map_err(|e| Error::io("create waker", e))?,
@@ -767,6 +777,12 @@ impl Net {
         loop {
             match self.listener.accept() {
                 Ok((mut s, remote)) => {
+                    if self.anonymous_streams() >= MAX_ANONYMOUS {
+                        tracing::warn!(
+                            "refusing a connection from {remote}: {MAX_ANONYMOUS} connections are already waiting for their handshake"
+                        );
+                        continue;
+                    }
                     let _ = s.set_nodelay(true);
                     let slot = self
                         .free_slots
@@ -1492,8 +1508,38 @@ impl Net {
         }
     }
 
+    fn anonymous_streams(&self) -> usize {
+        self.streams
+            .iter()
+            .flatten()
+            .filter(|s| s.peer.is_none())
+            .count()
+    }
+
     fn handle_timers(&mut self) {
         let now = Instant::now();
+        // Accepted connections that never finish their handshake are closed after the connect
+        // timeout, so silent strangers cannot hold memory without limit.
+        let stale: Vec<usize> = self
+            .streams
+            .iter()
+            .enumerate()
+            .filter_map(|(i, st)| st.as_ref().map(|st| (i, st)))
+            .filter(|(_, st)| {
+                st.peer.is_none() && now.duration_since(st.born) > self.cfg.connect_timeout
+            })
+            .map(|(i, _)| i)
+            .collect();
+        for slot in stale {
+            if let Some(st) = self.streams[slot].as_ref() {
+                tracing::warn!(
+                    "closing a connection from {} that did not complete its handshake within {:?}",
+                    st.remote,
+                    self.cfg.connect_timeout
+                );
+            }
+            self.close_slot(slot);
+        }
         let due: Vec<PeerId> = self
             .peers
             .iter()
@@ -1510,6 +1556,24 @@ impl Net {
     fn next_timer(&self) -> Option<Instant> {
         self.peers.values().filter_map(|p| p.redial_at).min()
     }
+}
+
+fn ignore_sigpipe() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sigaction with a null new action only reads the current disposition into a
+        // zeroed struct we own; the second call installs SIG_IGN, which is async-signal-safe
+        // and changes nothing but SIGPIPE's disposition. A handler the host installed itself
+        // (anything but SIG_DFL) is left alone.
+        unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(libc::SIGPIPE, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_DFL
+            {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+        }
+    });
 }
 
 fn write_all_nonblocking(s: &mut UnixStream, mut b: &[u8]) -> io::Result<()> {

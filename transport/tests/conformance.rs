@@ -1991,3 +1991,27 @@ mod auth {
         assert_eq!(target.refused_connections(), tried as u64);
     }
 }
+
+/// A stranger that connects and says nothing is closed once the connect timeout passes.
+#[test]
+fn silent_connections_are_closed_after_the_handshake_timeout() {
+    use std::io::Read;
+    let mut c = config(Backend::Tcp, P1, Opts::default());
+    c.connect_timeout = Duration::from_millis(300);
+    let mut net = Net::bind(c).expect("bind");
+    let mut s = std::net::TcpStream::connect(net.local_addr().tcp).expect("connect");
+    s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut ev = Vec::new();
+    let mut buf = [0u8; 8];
+    loop {
+        net.poll(&mut ev, Some(Duration::from_millis(10))).unwrap();
+        if let Ok(0) = s.read(&mut buf) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a silent connection was kept open"
+        );
+    }
+}
