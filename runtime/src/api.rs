@@ -561,7 +561,7 @@ impl Bps {
         if self.inner.down.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        if bytes % dtype.size() != 0 {
+        if !bytes.is_multiple_of(dtype.size()) {
             return Err(Error::InvalidArgument(format!(
                 "tensor {name:?}: {bytes} bytes is not a whole number of {dtype} elements"
             )));

@@ -348,7 +348,7 @@ impl Node {
         // Local reduction needs whole host groups that really share a host (shm between them).
         let l = local_size.max(1);
         let local_reduce = l > 1
-            && num_workers % l == 0
+            && num_workers.is_multiple_of(l)
             && (0..num_workers).all(|r| {
                 let leader = &book[(r / l * l) as usize];
                 book.get(r as usize)
@@ -1194,7 +1194,7 @@ impl Node {
             refuse(&mut self.net, format!("unknown dtype code {dtype}"));
             return;
         };
-        if bytes == 0 || bytes > max_bytes || bytes % dt.size() as u64 != 0 {
+        if bytes == 0 || bytes > max_bytes || !bytes.is_multiple_of(dt.size() as u64) {
             refuse(
                 &mut self.net,
                 format!("chunk of {bytes} bytes is not allowed (1..={max_bytes} bytes, whole {dt} elements)"),

@@ -94,7 +94,7 @@ impl fmt::Display for SumError {
 impl std::error::Error for SumError {}
 
 fn check_multiple(dtype: DType, len: usize) -> Result<(), SumError> {
-    if len % dtype.size() != 0 {
+    if !len.is_multiple_of(dtype.size()) {
         return Err(SumError::NotMultiple { dtype, len });
     }
     Ok(())
@@ -2002,7 +2002,7 @@ mod tests {
         let mut v = Vec::with_capacity(n * dtype.size());
         for _ in 0..n {
             let bits = rng.next();
-            let wild = bits % 8 == 0;
+            let wild = bits.is_multiple_of(8);
             let mag = [1e-6, 1.0, 8.0, 6e4, 1e30][(bits >> 3) as usize % 5];
             let x = rng.float(mag);
             match dtype {

@@ -80,7 +80,7 @@ pub fn partition(
     if partition_bytes == 0 {
         return Err(Error::ZeroPartitionBytes);
     }
-    if total_bytes % elem_size != 0 {
+    if !total_bytes.is_multiple_of(elem_size) {
         return Err(Error::Misaligned {
             total_bytes,
             elem_size,

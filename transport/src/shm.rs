@@ -206,8 +206,8 @@ struct RingControl {
 const _: () = {
     assert!(std::mem::size_of::<SegmentHeader>() <= CTRL_OFFSET);
     assert!(std::mem::size_of::<RingControl>() <= CTRL_STRIDE);
-    assert!(CTRL_OFFSET % std::mem::align_of::<RingControl>() == 0);
-    assert!(CTRL_STRIDE % std::mem::align_of::<RingControl>() == 0);
+    assert!(CTRL_OFFSET.is_multiple_of(std::mem::align_of::<RingControl>()));
+    assert!(CTRL_STRIDE.is_multiple_of(std::mem::align_of::<RingControl>()));
     assert!(CTRL_OFFSET + 2 * CTRL_STRIDE <= DATA_OFFSET);
     assert!(std::mem::offset_of!(SegmentHeader, ring_bytes) == 16);
     assert!(std::mem::offset_of!(RingControl, tail) == 128);

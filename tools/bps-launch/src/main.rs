@@ -250,7 +250,7 @@ fn local_mode(cli: Cli) -> ExitCode {
     let n = cli.workers.expect("local mode");
     let s = cli.servers.unwrap_or(0);
     let l = cli.local_size.unwrap_or(1);
-    if n % l != 0 {
+    if !n.is_multiple_of(l) {
         usage_error(
             ErrorKind::ValueValidation,
             format!(
