@@ -17,6 +17,8 @@
 //! of each (completion queue against each baseline), steadier than criterion's figures
 //! taken a minute apart on a shared machine.
 //!
+//! `BPS_BENCH_CQ_MSGS` sets the messages per round (default 65536).
+//!
 //! Nothing is pinned: on a 2-vCPU machine the producer(s) and the consumer share two cores.
 
 use std::cell::RefCell;
@@ -26,7 +28,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bps_benches::{full_run, paired, percentile, Side};
+use bps_benches::{full_run, paired, percentile, summaries_wanted, Side};
 use bps_transport::cq::{Abandoned, Completer, CompletionQueue, Handle, Status};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
@@ -57,6 +59,7 @@ fn split<T>(msgs: usize, producers: usize, mut make: impl FnMut(u64) -> T) -> Ve
 /// calls `consume` (which returns how many messages it took) until `msgs` have arrived.
 /// With `producers == 0` this thread produces everything first, then consumes: the cost of
 /// the operations themselves, without cache lines moving between cores.
+#[inline(never)] // a symbol of its own, for `--profile-time` under callgrind
 fn timed<T: Send>(
     producers: usize,
     msgs: usize,
@@ -148,11 +151,24 @@ fn mpsc_round(producers: usize, msgs: usize) -> Duration {
     )
 }
 
+/// Messages per round: `BPS_BENCH_CQ_MSGS`, default 65536 (4 MiB of completion slots, more
+/// than a core's L2; 4096 fit in it).
+fn messages() -> usize {
+    match std::env::var("BPS_BENCH_CQ_MSGS") {
+        Ok(v) => v
+            .parse()
+            .ok()
+            .filter(|&m| (1..=1 << 24).contains(&m))
+            .unwrap_or_else(|| panic!("BPS_BENCH_CQ_MSGS={v:?}: expected 1..=16777216")),
+        Err(_) => 1 << 16,
+    }
+}
+
 /// One timed round: `(producers, messages) -> time`.
 type Round = fn(usize, usize) -> Duration;
 
 fn bench_throughput(c: &mut Criterion) {
-    let msgs = if full_run() { 1 << 16 } else { 256 };
+    let msgs = if full_run() { messages() } else { 256 };
     let mut group = c.benchmark_group("cq/throughput");
     group
         .sampling_mode(SamplingMode::Flat)
@@ -164,7 +180,10 @@ fn bench_throughput(c: &mut Criterion) {
         ("mpsc", mpsc_round),
     ];
     let pairs = if full_run() { 21 } else { 3 };
-    for producers in [0, 1, 2] {
+    for producers in [0, 1, 2]
+        .into_iter()
+        .filter(|_| summaries_wanted() || !full_run())
+    {
         for (name, round) in &kinds[1..] {
             let p = paired(pairs, |side| match side {
                 Side::Base => round(producers, msgs),
@@ -302,22 +321,24 @@ fn report(what: &str, mut lat: Vec<u64>) {
 }
 
 fn bench_latency(c: &mut Criterion) {
-    let (runs, rounds) = if full_run() { (3, 200_000) } else { (1, 1_000) };
-    println!(
-        "clock read (Instant::now) costs {} ns (median)",
-        clock_cost()
-    );
-    for run in 1..=runs {
-        report(
-            &format!("cq/store_to_seen run {run}"),
-            store_to_seen(rounds),
+    if summaries_wanted() {
+        let (runs, rounds) = if full_run() { (3, 200_000) } else { (1, 1_000) };
+        println!(
+            "clock read (Instant::now) costs {} ns (median)",
+            clock_cost()
         );
-        report(
-            &format!("cq/complete_to_seen run {run}"),
-            complete_to_seen(rounds),
-        );
+        for run in 1..=runs {
+            report(
+                &format!("cq/store_to_seen run {run}"),
+                store_to_seen(rounds),
+            );
+            report(
+                &format!("cq/complete_to_seen run {run}"),
+                complete_to_seen(rounds),
+            );
+        }
+        println!("(target: median complete_to_seen <= 200 ns)");
     }
-    println!("(target: median complete_to_seen <= 200 ns)");
     // Criterion's figure is the mean, which the tail (preemption on shared cores) inflates.
     for (name, f) in [
         (

@@ -15,7 +15,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use bps_benches::{full_run, gib_per_s, paired, Side};
+use bps_benches::{full_run, gib_per_s, paired, summaries_wanted, Side};
 use bps_runtime::sum::sum_into;
 use bps_runtime::DType;
 use criterion::{
@@ -118,22 +118,24 @@ fn bench_sum(c: &mut Criterion) {
         for w in [2, 4] {
             let ins: Vec<&[u8]> = inputs[..w].iter().map(Vec::as_slice).collect();
             let sum_bytes = (w as u64 + 1) * len as u64;
-            let p = paired(pairs, |side| {
-                let t = Instant::now();
-                match side {
-                    Side::Base => out.copy_from_slice(black_box(ins[0])),
-                    Side::Subject => sum_into(dtype, black_box(&mut out), black_box(&ins))
-                        .expect("inputs and output have the same length"),
-                }
-                t.elapsed()
-            });
-            println!(
-                "paired {dtype} w{w}: {:.1} GiB/s, memcpy {:.1} GiB/s, ratio {:.2} \
-                 (median of {pairs} alternating pairs; target >= 0.9)",
-                gib_per_s(sum_bytes, p.subject),
-                gib_per_s(2 * len as u64, p.base),
-                p.speed_ratio * sum_bytes as f64 / (2 * len) as f64,
-            );
+            if summaries_wanted() {
+                let p = paired(pairs, |side| {
+                    let t = Instant::now();
+                    match side {
+                        Side::Base => out.copy_from_slice(black_box(ins[0])),
+                        Side::Subject => sum_into(dtype, black_box(&mut out), black_box(&ins))
+                            .expect("inputs and output have the same length"),
+                    }
+                    t.elapsed()
+                });
+                println!(
+                    "paired {dtype} w{w}: {:.1} GiB/s, memcpy {:.1} GiB/s, ratio {:.2} \
+                     (median of {pairs} alternating pairs; target >= 0.9)",
+                    gib_per_s(sum_bytes, p.subject),
+                    gib_per_s(2 * len as u64, p.base),
+                    p.speed_ratio * sum_bytes as f64 / (2 * len) as f64,
+                );
+            }
             group.throughput(Throughput::Bytes((w as u64 + 1) * len as u64));
             group.bench_function(BenchmarkId::new(dtype.to_string(), format!("w{w}")), |b| {
                 b.iter(|| {

@@ -153,6 +153,13 @@ pub fn full_run() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// False in criterion's `--profile-time` mode (meant for profilers such as callgrind, which
+/// would take minutes over the extra summaries: paired ratios, latency percentiles) and in
+/// `--list` mode; true otherwise.
+pub fn summaries_wanted() -> bool {
+    !std::env::args().any(|a| a == "--profile-time" || a == "--list")
+}
+
 /// The `p`-th percentile (`0.0..=1.0`, nearest rank) of an ascending slice; 0 when empty.
 pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
