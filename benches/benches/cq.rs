@@ -28,7 +28,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use bps_benches::{full_run, paired, percentile, summaries_wanted, Side};
+use bps_benches::{full_run, note_smoke_test, paired, percentile, summaries_wanted, Side};
 use bps_transport::cq::{Abandoned, Completer, CompletionQueue, Handle, Status};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
@@ -168,6 +168,7 @@ fn messages() -> usize {
 type Round = fn(usize, usize) -> Duration;
 
 fn bench_throughput(c: &mut Criterion) {
+    note_smoke_test();
     let msgs = if full_run() { messages() } else { 256 };
     let mut group = c.benchmark_group("cq/throughput");
     group

@@ -15,7 +15,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use bps_benches::{full_run, gib_per_s, paired, summaries_wanted, Side};
+use bps_benches::{full_run, gib_per_s, note_smoke_test, paired, summaries_wanted, Side};
 use bps_runtime::sum::sum_into;
 use bps_runtime::DType;
 use criterion::{
@@ -59,6 +59,7 @@ fn buffer_mib() -> usize {
 }
 
 fn bench_sum(c: &mut Criterion) {
+    note_smoke_test();
     let len: usize = if full_run() {
         buffer_mib() << 20
     } else {

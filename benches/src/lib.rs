@@ -153,6 +153,13 @@ pub fn full_run() -> bool {
     std::env::args().any(|a| a == "--bench")
 }
 
+/// Prints, under `cargo test`, that the printed figures of this smoke run mean nothing.
+pub fn note_smoke_test() {
+    if !full_run() {
+        println!("smoke test (debug build, reduced sizes): the figures below are not measurements");
+    }
+}
+
 /// False in criterion's `--profile-time` mode (meant for profilers such as callgrind, which
 /// would take minutes over the extra summaries: paired ratios, latency percentiles) and in
 /// `--list` mode; true otherwise.
