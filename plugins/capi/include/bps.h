@@ -102,6 +102,10 @@ typedef enum BpsStatus {
    * A panic inside bps was caught at the boundary; bps_last_error() has its message.
    */
   BPS_ERR_PANIC = -9,
+  /**
+   * Something this build or machine cannot do (GPU memory without CUDA, no usable GPU).
+   */
+  BPS_ERR_UNSUPPORTED = -10,
 } BpsStatus;
 
 /**

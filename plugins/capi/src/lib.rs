@@ -78,6 +78,8 @@ pub enum BpsStatus {
     BPS_ERR_INTERNAL = -8,
     /// A panic inside bps was caught at the boundary; bps_last_error() has its message.
     BPS_ERR_PANIC = -9,
+    /// Something this build or machine cannot do (GPU memory without CUDA, no usable GPU).
+    BPS_ERR_UNSUPPORTED = -10,
 }
 
 impl BpsStatus {
@@ -99,6 +101,7 @@ impl BpsStatus {
             }
             Error::Timeout { .. } => BpsStatus::BPS_ERR_TIMEOUT,
             Error::Abandoned => BpsStatus::BPS_ERR_INTERNAL,
+            Error::Unsupported(_) => BpsStatus::BPS_ERR_UNSUPPORTED,
         }
     }
 }

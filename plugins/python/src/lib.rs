@@ -111,7 +111,7 @@ fn kind_of(e: &Error) -> Kind {
         Error::Mismatch { .. } => Kind::Mismatch,
         Error::Peer { .. } | Error::Rendezvous { .. } | Error::Transport(_) => Kind::Peer,
         Error::Timeout { .. } => Kind::Timeout,
-        Error::Abandoned => Kind::Base,
+        Error::Abandoned | Error::Unsupported(_) => Kind::Base,
     }
 }
 
