@@ -84,6 +84,18 @@ struct Inner {
     scheduler: Mutex<Option<Scheduler>>,
     stats: Arc<Stats>,
     book: Vec<BookEntry>,
+    /// Writer of the scheduler connection (shared with the event loop).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    sched_w: Arc<Mutex<TcpStream>>,
+    /// The GPU engine's inbox, kept until the engine starts.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    gpu_inbox: (
+        Sender<crate::node::GpuMsg>,
+        Mutex<Option<crossbeam_channel::Receiver<crate::node::GpuMsg>>>,
+    ),
+    /// The GPU engine, started by the first GPU operation (or why it cannot start).
+    #[cfg(feature = "cuda")]
+    gpu: std::sync::OnceLock<Result<crate::gpu::GpuEngine>>,
 }
 
 /// A running bps instance (worker side). Cheap to clone; every clone is the same instance.
@@ -304,6 +316,7 @@ fn start(cfg: Config) -> Result<Inner> {
         }
     }
     let (tx, rx) = crossbeam_channel::unbounded();
+    let (gpu_tx, gpu_rx) = crossbeam_channel::unbounded();
     let waker = net.waker();
     let stats = Arc::new(Stats::default());
     let sched_w = Arc::new(Mutex::new(
@@ -353,10 +366,11 @@ fn start(cfg: Config) -> Result<Inner> {
         num_servers,
         book.clone(),
         rx,
-        sched_w,
+        sched_w.clone(),
         waker.clone(),
         stats.clone(),
         local_size,
+        gpu_tx.clone(),
     );
     let node = std::thread::Builder::new()
         .name(format!("bps-{}-{rank}", cfg.role))
@@ -385,6 +399,10 @@ fn start(cfg: Config) -> Result<Inner> {
         scheduler: Mutex::new(scheduler),
         stats,
         book,
+        sched_w,
+        gpu_inbox: (gpu_tx, Mutex::new(Some(gpu_rx))),
+        #[cfg(feature = "cuda")]
+        gpu: std::sync::OnceLock::new(),
     })
 }
 
@@ -584,6 +602,7 @@ impl Bps {
             kind,
             priority,
             completer,
+            gpu: None,
         };
         if let Err(e) = self.inner.cmds.send(Command::Op(req)) {
             // The event loop is gone: the completer inside fails the handle when dropped.
@@ -858,8 +877,77 @@ impl Bps {
                 "tensor {name:?}: null device pointer"
             )));
         }
-        let _ = (kind, priority);
-        Err(crate::gpu::unsupported(&buf))
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (kind, priority);
+            Err(crate::gpu::unsupported(&buf))
+        }
+        #[cfg(feature = "cuda")]
+        {
+            let engine = self
+                .inner
+                .gpu
+                .get_or_init(|| self.start_gpu(buf.device))
+                .as_ref()
+                .map_err(|e| e.clone())?;
+            if engine.device() != buf.device {
+                return Err(Error::InvalidArgument(format!(
+                    "tensor {name:?} is on GPU {} but this worker uses GPU {} (one GPU per worker)",
+                    buf.device,
+                    engine.device()
+                )));
+            }
+            let tensor = self.declare(name)?;
+            let l = self.local_size().max(1);
+            let multi_host = self.size() > l;
+            let host_tensor = match kind {
+                OpKind::Broadcast { .. } if multi_host => {
+                    self.declare(&format!("{name}#gpu-broadcast"))?
+                }
+                _ => tensor,
+            };
+            let id = self.inner.next_op.fetch_add(1, Ordering::Relaxed);
+            let (handle, completer) = self.inner.cq.register(id);
+            engine.submit(crate::gpu::GpuOp {
+                tensor,
+                host_tensor,
+                name: name.to_string(),
+                buf,
+                kind,
+                priority,
+                completer,
+            })?;
+            Ok(handle)
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn start_gpu(&self, device: i32) -> Result<crate::gpu::GpuEngine> {
+        let inbox = self
+            .inner
+            .gpu_inbox
+            .1
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| Error::Unsupported("the GPU engine failed to start before".into()))?;
+        let shape = crate::gpu::Shape {
+            rank: self.rank(),
+            num_workers: self.size(),
+            local_size: self.local_size().max(1),
+            local_reduce: self.local_reduce() || self.local_size() <= 1,
+            partition_bytes: self.inner.cfg.partition_bytes,
+            credit_bytes: self.inner.cfg.credit_bytes,
+            timeout: self.inner.cfg.timeout,
+        };
+        let links = crate::gpu::Links {
+            cmds: self.inner.cmds.clone(),
+            waker: self.inner.waker.clone(),
+            sched: self.inner.sched_w.clone(),
+            inbox,
+            inbox_tx: self.inner.gpu_inbox.0.clone(),
+        };
+        crate::gpu::GpuEngine::start(device, shape, links)
     }
 
     /// The GPUs this process can use, or why it cannot use any.

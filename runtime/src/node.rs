@@ -71,6 +71,29 @@ pub(crate) struct OpRequest {
     pub kind: OpKind,
     pub priority: i32,
     pub completer: Completer<Error>,
+    /// Set for the host part of a GPU operation (see [`GpuHost`]).
+    pub gpu: Option<GpuHost>,
+}
+
+/// The host part of a GPU operation: the input/output is a pinned staging buffer, only the
+/// chunks this process owns are pushed (straight to their servers: the local reduction was
+/// done on the GPUs), each only once the GPU side released it, and each answer is announced.
+pub(crate) struct GpuHost {
+    /// The GPU engine's number of the operation.
+    pub op: u64,
+    /// Per chunk: whether this process pushes it.
+    pub owned: Vec<bool>,
+    /// Where answered chunks are announced.
+    pub notify: Sender<GpuMsg>,
+}
+
+/// Inputs of the GPU engine.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) enum GpuMsg {
+    /// A message from the scheduler (NCCL id, go-aheads).
+    Sched(Msg),
+    /// A chunk's sum arrived in the staging buffer of operation `op`.
+    ChunkDone { op: u64, chunk: u32 },
 }
 
 /// Messages to the event loop.
@@ -80,6 +103,13 @@ pub(crate) enum Command {
     Shutdown(Sender<()>),
     Sched(Msg),
     SchedLost(String),
+    /// The GPU side staged chunk `chunk` of GPU operation `op` on `tensor`: push it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Release {
+        tensor: u32,
+        op: u64,
+        chunk: u32,
+    },
 }
 
 struct SumJob {
@@ -119,6 +149,8 @@ struct WKey {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum ChunkSt {
+    /// A GPU operation's chunk whose staging copy is not done yet.
+    Held,
     Queued,
     WaitInit,
     Pushed,
@@ -145,6 +177,10 @@ struct WTensor {
     waiting: VecDeque<OpRequest>,
     /// When the scheduler must have answered the placement request.
     place_deadline: Option<Instant>,
+    /// A GPU tensor: chunks go to their servers directly (NCCL reduced them in the host).
+    gpu: bool,
+    /// Chunks released by the GPU side before their operation started: (op, chunk).
+    early: Vec<(u64, u32)>,
 }
 
 struct Worker {
@@ -268,6 +304,8 @@ pub(crate) struct Node {
     /// Whether chunks are first reduced within each host group (through shm) and only one
     /// sum per host goes to the key's server.
     local_reduce: bool,
+    /// The GPU engine's inbox (scheduler messages for it pass through here).
+    gpu_tx: Sender<GpuMsg>,
 }
 
 /// Counters the tests and tools read.
@@ -331,6 +369,7 @@ impl Node {
         waker: Waker,
         stats: Arc<Stats>,
         local_size: u32,
+        gpu_tx: Sender<GpuMsg>,
     ) -> Node {
         let is_worker = book
             .get(me.0 as usize)
@@ -385,6 +424,7 @@ impl Node {
             waker,
             local_size: l,
             local_reduce,
+            gpu_tx,
         }
     }
 
@@ -537,6 +577,7 @@ impl Node {
                 self.shutdown = Some((tx, Instant::now()));
             }
             Command::Sched(m) => self.on_sched(m),
+            Command::Release { tensor, op, chunk } => self.release(tensor, op, chunk),
             Command::SchedLost(why) => {
                 if !self.terminated {
                     self.fail_all(Error::Peer {
@@ -570,6 +611,7 @@ impl Node {
                 let Some(t) = w.tensors.get_mut(&tensor) else {
                     return;
                 };
+                let gpu_tensor = t.gpu;
                 if servers.len() != t.chunks.len() || servers.iter().any(|s| *s >= num_servers) {
                     let err = Error::Mismatch {
                         name: t.name.clone(),
@@ -591,7 +633,7 @@ impl Node {
                             let key = Key::new(bps_scheduler::TensorId(tensor), c.index);
                             let slot = w.reply_slots.len() as u32;
                             w.reply_slots.push((tensor, c.index.0));
-                            let (target, scope) = if lr {
+                            let (target, scope) = if lr && !gpu_tensor {
                                 // The chunk's aggregator on this host: spread over the group.
                                 let leader = group + (tensor.wrapping_add(c.index.0)) % l;
                                 (PeerId(leader), SCOPE_LOCAL)
@@ -647,6 +689,9 @@ impl Node {
                     reason,
                 });
             }
+            m @ (Msg::GpuId { .. } | Msg::GpuGo { .. }) => {
+                let _ = self.gpu_tx.send(GpuMsg::Sched(m));
+            }
             other => tracing::warn!("unexpected message from the scheduler: {other:?}"),
         }
     }
@@ -670,6 +715,14 @@ impl Node {
         let tensor = req.tensor;
         match w.tensors.get(&tensor) {
             Some(t) => {
+                if t.gpu != req.gpu.is_some() {
+                    let e = Error::Mismatch {
+                        name: req.name.clone(),
+                        reason: "used both as a GPU tensor and as a host tensor: give them different names".into(),
+                    };
+                    req.completer.complete(Err(e));
+                    return;
+                }
                 if t.bytes != req.bytes || t.dtype != req.dtype {
                     let e = Error::Mismatch {
                         name: req.name.clone(),
@@ -703,6 +756,8 @@ impl Node {
                         active: None,
                         waiting: VecDeque::new(),
                         place_deadline: None,
+                        gpu: req.gpu.is_some(),
+                        early: Vec::new(),
                     },
                 );
             }
@@ -762,17 +817,65 @@ impl Node {
         };
         let n = t.chunks.len();
         let prio = Priority(req.priority);
-        for c in &t.chunks {
+        let mut states = vec![ChunkSt::Queued; n];
+        let mut left = n;
+        for (i, c) in t.chunks.iter().enumerate() {
+            if let Some(g) = &req.gpu {
+                if !g.owned.get(i).copied().unwrap_or(false) {
+                    states[i] = ChunkSt::Done;
+                    left -= 1;
+                    continue;
+                }
+                if let Some(at) = t.early.iter().position(|e| *e == (g.op, i as u32)) {
+                    t.early.swap_remove(at);
+                } else {
+                    states[i] = ChunkSt::Held;
+                    continue;
+                }
+            }
             w.queue.push((tensor, c.index.0), prio, c.len as u64);
+        }
+        if left == 0 {
+            // A GPU operation with no chunk owned here.
+            w.cache.unpin(req.input.addr, req.input.len);
+            if req.output != req.input {
+                w.cache.unpin(req.output.addr, req.output.len);
+            }
+            req.completer.complete(Ok(()));
+            self.start_ready(tensor);
+            return;
         }
         t.active = Some(Active {
             req,
             in_token,
             out_token,
-            left: n,
+            left,
             deadline: Instant::now() + timeout,
-            chunks: vec![ChunkSt::Queued; n],
+            chunks: states,
         });
+    }
+
+    /// The GPU side staged a chunk: queue its push.
+    fn release(&mut self, tensor: u32, op: u64, chunk: u32) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        let ci = chunk as usize;
+        if let Some(a) = t.active.as_mut() {
+            if a.req.gpu.as_ref().is_some_and(|g| g.op == op) {
+                if a.chunks.get(ci) == Some(&ChunkSt::Held) {
+                    a.chunks[ci] = ChunkSt::Queued;
+                    let c = t.chunks[ci];
+                    w.queue
+                        .push((tensor, c.index.0), Priority(a.req.priority), c.len as u64);
+                }
+                return;
+            }
+        }
+        t.early.push((op, chunk));
     }
 
     // ------------------------------------------------------------ issuing
@@ -1694,6 +1797,9 @@ impl Node {
             }
         }
         w.queue.release(c.len as u64);
+        if let Some(g) = &a.req.gpu {
+            let _ = g.notify.send(GpuMsg::ChunkDone { op: g.op, chunk });
+        }
         a.left -= 1;
         a.deadline = Instant::now() + timeout;
         if a.left == 0 {

@@ -159,6 +159,34 @@ pub enum Msg {
     },
     /// Either way between a node and the scheduler: still alive.
     Heartbeat,
+    /// worker (local rank 0 of a host group) → scheduler → the group's other workers: the
+    /// NCCL unique id of the group's communicator.
+    GpuId {
+        /// Host group (rank / local size).
+        group: u32,
+        /// The opaque id (128 bytes).
+        id: Vec<u8>,
+    },
+    /// worker → scheduler: this worker is ready for NCCL step `phase` of the `seq`-th GPU
+    /// operation on `tensor`.
+    GpuReady {
+        /// Tensor id.
+        tensor: u32,
+        /// Operation number on that tensor (0, 1, …).
+        seq: u32,
+        /// Step of the operation.
+        phase: u8,
+    },
+    /// scheduler → every worker of a host group, in one order for all: go ahead with the NCCL
+    /// step (every worker of the group said it is ready).
+    GpuGo {
+        /// Tensor id.
+        tensor: u32,
+        /// Operation number on that tensor.
+        seq: u32,
+        /// Step of the operation.
+        phase: u8,
+    },
     /// worker → server: first use of a key.
     InitKey {
         /// The key.
@@ -318,6 +346,18 @@ impl Msg {
                 e.bytes(proof);
             }
             Msg::Heartbeat => e = Encoder::with_tag(15),
+            Msg::GpuId { group, id } => {
+                e = Encoder::with_tag(16);
+                e.u32(*group).bytes(id);
+            }
+            Msg::GpuReady { tensor, seq, phase } => {
+                e = Encoder::with_tag(17);
+                e.u32(*tensor).u32(*seq).u8(*phase);
+            }
+            Msg::GpuGo { tensor, seq, phase } => {
+                e = Encoder::with_tag(18);
+                e.u32(*tensor).u32(*seq).u8(*phase);
+            }
             Msg::InitKey {
                 key,
                 bytes,
@@ -466,6 +506,20 @@ impl Msg {
                 proof: d.bytes("proof", 64)?.to_vec(),
             },
             15 => Msg::Heartbeat,
+            16 => Msg::GpuId {
+                group: d.u32("group")?,
+                id: d.bytes("nccl id", 128)?.to_vec(),
+            },
+            17 => Msg::GpuReady {
+                tensor: d.u32("tensor")?,
+                seq: d.u32("seq")?,
+                phase: d.u8("phase")?,
+            },
+            18 => Msg::GpuGo {
+                tensor: d.u32("tensor")?,
+                seq: d.u32("seq")?,
+                phase: d.u8("phase")?,
+            },
             20 => Msg::InitKey {
                 key: d.u64("key")?,
                 bytes: d.u64("bytes")?,
@@ -568,6 +622,20 @@ mod tests {
             },
             Msg::AuthProof { proof: vec![4; 32] },
             Msg::Heartbeat,
+            Msg::GpuId {
+                group: 1,
+                id: vec![7; 128],
+            },
+            Msg::GpuReady {
+                tensor: 3,
+                seq: 9,
+                phase: 1,
+            },
+            Msg::GpuGo {
+                tensor: 3,
+                seq: 9,
+                phase: 2,
+            },
             Msg::PeerDead {
                 peer: 2,
                 reason: "gone".into(),

@@ -94,6 +94,8 @@ struct State {
     assigner: Option<ServerAssigner>,
     partition_bytes: usize,
     barriers: HashMap<u64, HashSet<usize>>,
+    /// GPU steps waiting for the rest of their host group: (group, tensor, seq, phase) → who.
+    gpu_ready: HashMap<(u32, u32, u32, u8), HashSet<usize>>,
     finished: bool,
     started: Instant,
     timeout: Duration,
@@ -122,6 +124,17 @@ impl State {
             .next()
             .unwrap_or(1)
             .max(1)
+    }
+
+    /// Connections of the workers of host group `group`, in rank order.
+    fn group_conns(&self, group: u32) -> Vec<usize> {
+        let l = self.local_size();
+        let mut v: Vec<(u32, usize)> = self
+            .workers()
+            .filter_map(|(c, n)| n.rank.filter(|r| r / l == group).map(|r| (r, *c)))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, c)| c).collect()
     }
 
     fn workers(&self) -> impl Iterator<Item = (&usize, &Node)> {
@@ -296,6 +309,37 @@ impl State {
                     let set = self.barriers.remove(&id).unwrap_or_default();
                     for c in set {
                         self.send(c, &Msg::BarrierDone { id });
+                    }
+                }
+            }
+            Msg::GpuId { group, id } => {
+                for c in self.group_conns(group) {
+                    if c != conn {
+                        self.send(
+                            c,
+                            &Msg::GpuId {
+                                group,
+                                id: id.clone(),
+                            },
+                        );
+                    }
+                }
+            }
+            Msg::GpuReady { tensor, seq, phase } => {
+                let l = self.local_size();
+                let Some(group) = self.nodes.get(&conn).and_then(|n| n.rank).map(|r| r / l) else {
+                    tracing::warn!("scheduler: GpuReady from a process that is not a worker");
+                    return;
+                };
+                let set = self
+                    .gpu_ready
+                    .entry((group, tensor, seq, phase))
+                    .or_default();
+                set.insert(conn);
+                if set.len() as u32 >= l {
+                    self.gpu_ready.remove(&(group, tensor, seq, phase));
+                    for c in self.group_conns(group) {
+                        self.send(c, &Msg::GpuGo { tensor, seq, phase });
                     }
                 }
             }
@@ -486,6 +530,7 @@ impl Scheduler {
                 assigner: None,
                 partition_bytes: cfg.partition_bytes,
                 barriers: HashMap::new(),
+                gpu_ready: HashMap::new(),
                 finished: false,
                 started: Instant::now(),
                 timeout: cfg.timeout,

@@ -1,16 +1,1294 @@
-//! The CUDA path (feature `cuda`).
+//! The CUDA path (feature `cuda`): one engine thread per process owns the CUDA streams, the
+//! NCCL communicator of the host's GPUs and the pinned staging buffers, and drives every GPU
+//! operation through its stages (see the module documentation of [`super`]).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::c_void;
+use std::time::{Duration, Instant};
+
+use bps_scheduler::{partition, Chunk, CreditQueue, Priority};
+use bps_transport::cq::{Completer, CompletionQueue, Handle, Status};
+use bps_transport::Waker;
+use crossbeam_channel::{Receiver, Select, Sender};
+use cudarc::driver::sys as cu;
+use cudarc::nccl::sys as nc;
 
 use super::{DeviceBuf, GpuInfo};
+use crate::dtype::DType;
+use crate::mem::RawSlice;
+use crate::node::{Command, GpuHost, GpuMsg, OpKind, OpRequest};
+use crate::proto::Msg;
 use crate::Error;
+
+/// Why the CUDA driver cannot be used, or `None` when it can.
+fn driver_missing() -> Option<String> {
+    // SAFETY: only tries to dlopen the driver library under its usual names; no CUDA call.
+    if unsafe { cu::is_culib_present() } {
+        None
+    } else {
+        Some("no NVIDIA driver on this machine (libcuda.so.1 not found on the library path)".into())
+    }
+}
+
+fn check(r: cu::CUresult, what: &str) -> Result<(), String> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(format!("{what} failed: {r:?}"))
+    }
+}
+
+fn nccl_check(r: nc::ncclResult_t, what: &str) -> Result<(), String> {
+    if r == nc::ncclResult_t::ncclSuccess {
+        Ok(())
+    } else {
+        Err(format!("{what} failed: {r:?}"))
+    }
+}
 
 /// The GPUs of this machine, or why there are none usable.
 ///
 /// # Errors
 /// No CUDA driver library, a driver call failing, or no device.
 pub fn probe() -> Result<Vec<GpuInfo>, String> {
-    Err("the CUDA path is being built".into())
+    if let Some(why) = driver_missing() {
+        return Err(why);
+    }
+    // SAFETY: the driver library is present (checked above); cuInit has no preconditions.
+    check(unsafe { cu::cuInit(0) }, "cuInit")?;
+    let mut n = 0;
+    // SAFETY: `n` is a valid out-pointer.
+    check(unsafe { cu::cuDeviceGetCount(&mut n) }, "cuDeviceGetCount")?;
+    if n == 0 {
+        return Err("the NVIDIA driver is loaded but reports no GPU".into());
+    }
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mut dev = 0;
+        // SAFETY: valid out-pointer, ordinal below the count.
+        check(unsafe { cu::cuDeviceGet(&mut dev, i) }, "cuDeviceGet")?;
+        let mut name = [0 as std::ffi::c_char; 256];
+        check(
+            // SAFETY: the buffer holds 256 bytes, as passed.
+            unsafe { cu::cuDeviceGetName(name.as_mut_ptr(), 256, dev) },
+            "cuDeviceGetName",
+        )?;
+        let mut pci = [0 as std::ffi::c_char; 64];
+        check(
+            // SAFETY: the buffer holds 64 bytes, as passed.
+            unsafe { cu::cuDeviceGetPCIBusId(pci.as_mut_ptr(), 64, dev) },
+            "cuDeviceGetPCIBusId",
+        )?;
+        let mut mem = 0usize;
+        check(
+            // SAFETY: valid out-pointer.
+            unsafe { cu::cuDeviceTotalMem_v2(&mut mem, dev) },
+            "cuDeviceTotalMem",
+        )?;
+        let s = |b: &[std::ffi::c_char]| {
+            // Never read past the buffer, even if the driver left no NUL.
+            let bytes: Vec<u8> = b
+                .iter()
+                .take_while(|c| **c != 0)
+                .map(|c| *c as u8)
+                .collect();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        out.push(GpuInfo {
+            index: i,
+            name: s(&name),
+            memory: mem as u64,
+            pci_bus_id: s(&pci).to_lowercase(),
+        });
+    }
+    Ok(out)
 }
 
-pub(crate) fn unsupported(_buf: &DeviceBuf) -> Error {
-    Error::Unsupported("the CUDA path is being built".into())
+/// Whether NCCL can be loaded, or why not.
+pub fn nccl_version() -> Result<i32, String> {
+    // SAFETY: only tries to dlopen NCCL under the names cudarc looks for.
+    if !unsafe { nc::is_culib_present() } {
+        return Err("NCCL not found: cudarc loads it as libnccl.so (pip's NCCL ships only libnccl.so.2: put a libnccl.so link to it on LD_LIBRARY_PATH)".into());
+    }
+    let mut v = 0;
+    // SAFETY: NCCL is present (checked above); `v` is a valid out-pointer.
+    nccl_check(unsafe { nc::ncclGetVersion(&mut v) }, "ncclGetVersion")?;
+    Ok(v)
+}
+
+fn nccl_type(d: DType) -> nc::ncclDataType_t {
+    use nc::ncclDataType_t as T;
+    match d {
+        DType::F32 => T::ncclFloat32,
+        DType::F64 => T::ncclFloat64,
+        DType::F16 => T::ncclFloat16,
+        DType::BF16 => T::ncclBfloat16,
+        DType::I32 => T::ncclInt32,
+        DType::I64 => T::ncclInt64,
+        DType::U8 => T::ncclUint8,
+    }
+}
+
+// ---------------------------------------------------------------- the engine's handle
+
+/// What the API needs to reach the engine.
+pub(crate) struct GpuEngine {
+    device: i32,
+    subs: Sender<GpuOp>,
+}
+
+/// One GPU operation as submitted.
+pub(crate) struct GpuOp {
+    /// Tensor id of the name (its chunks and keys are the node's).
+    pub tensor: u32,
+    /// Tensor id used by the host stage of a broadcast across hosts.
+    pub host_tensor: u32,
+    pub name: String,
+    pub buf: DeviceBuf,
+    pub kind: OpKind,
+    pub priority: i32,
+    pub completer: Completer<Error>,
+}
+
+/// The job's shape as the engine needs it.
+pub(crate) struct Shape {
+    pub rank: u32,
+    pub num_workers: u32,
+    pub local_size: u32,
+    pub local_reduce: bool,
+    pub partition_bytes: usize,
+    pub credit_bytes: u64,
+    pub timeout: Duration,
+}
+
+/// Links from the engine to the rest of the process.
+pub(crate) struct Links {
+    pub cmds: Sender<Command>,
+    pub waker: Waker,
+    pub sched: std::sync::Arc<std::sync::Mutex<std::net::TcpStream>>,
+    pub inbox: Receiver<GpuMsg>,
+    pub inbox_tx: Sender<GpuMsg>,
+}
+
+impl GpuEngine {
+    /// Check the machine and start the engine for `device`.
+    pub(crate) fn start(device: i32, shape: Shape, links: Links) -> Result<GpuEngine, Error> {
+        let gpus = probe().map_err(|why| Error::Unsupported(format!("GPU tensors: {why}")))?;
+        if device < 0 || device as usize >= gpus.len() {
+            return Err(Error::InvalidArgument(format!(
+                "device {device} does not exist: this machine has GPUs 0..{}",
+                gpus.len()
+            )));
+        }
+        let l = shape.local_size.max(1);
+        if l > 1 && !shape.local_reduce {
+            return Err(Error::Unsupported(format!(
+                "GPU tensors with BYTEPS_LOCAL_SIZE={l} need the {l} workers of each host group on one host (and {} workers to split into such groups)",
+                shape.num_workers
+            )));
+        }
+        if l > 1 {
+            nccl_version().map_err(|why| Error::Unsupported(format!("GPU tensors: {why}")))?;
+        }
+        let mut dev = 0;
+        // SAFETY: probe() ran cuInit; valid out-pointer and an ordinal below the count.
+        check(unsafe { cu::cuDeviceGet(&mut dev, device) }, "cuDeviceGet")
+            .map_err(Error::Unsupported)?;
+        let mut ctx = std::ptr::null_mut();
+        check(
+            // SAFETY: valid out-pointer; the primary context is the one frameworks share.
+            unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+            "cuDevicePrimaryCtxRetain",
+        )
+        .map_err(Error::Unsupported)?;
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let ctx_addr = ctx as usize;
+        std::thread::Builder::new()
+            .name(format!("bps-gpu-{device}"))
+            .spawn(move || {
+                let ctx = ctx_addr as cu::CUcontext;
+                match Engine::new(device, ctx, shape, links, rx) {
+                    Ok(mut e) => e.run(),
+                    Err((why, rx)) => {
+                        tracing::error!("GPU engine: {why}");
+                        // Fail whatever arrives from now on.
+                        while let Ok(op) = rx.recv() {
+                            op.completer.complete(Err(Error::Unsupported(why.clone())));
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Unsupported(format!("spawn the GPU thread: {e}")))?;
+        Ok(GpuEngine { device, subs: tx })
+    }
+
+    pub(crate) fn device(&self) -> i32 {
+        self.device
+    }
+
+    pub(crate) fn submit(&self, op: GpuOp) -> Result<(), Error> {
+        self.subs.send(op).map_err(|_| Error::ShutDown)
+    }
+}
+
+// ---------------------------------------------------------------- pinned memory
+
+/// Page-locked host buffers, reused across steps (by power-of-two size class).
+struct PinnedPool {
+    free: HashMap<usize, Vec<usize>>,
+    all: Vec<usize>,
+}
+
+impl PinnedPool {
+    fn class(bytes: usize) -> usize {
+        bytes.max(64 << 10).next_power_of_two()
+    }
+
+    fn get(&mut self, bytes: usize) -> Result<RawSlice, String> {
+        let class = Self::class(bytes);
+        if let Some(addr) = self.free.get_mut(&class).and_then(|v| v.pop()) {
+            return Ok(RawSlice { addr, len: class });
+        }
+        let mut p: *mut c_void = std::ptr::null_mut();
+        check(
+            // SAFETY: valid out-pointer; the engine thread has its context current.
+            unsafe { cu::cuMemHostAlloc(&mut p, class, cu::CU_MEMHOSTALLOC_PORTABLE) },
+            "cuMemHostAlloc (pinned staging buffer)",
+        )?;
+        self.all.push(p as usize);
+        Ok(RawSlice {
+            addr: p as usize,
+            len: class,
+        })
+    }
+
+    fn put(&mut self, r: RawSlice) {
+        self.free.entry(r.len).or_default().push(r.addr);
+    }
+}
+
+impl Drop for PinnedPool {
+    fn drop(&mut self) {
+        for a in self.all.drain(..) {
+            // SAFETY: allocated by cuMemHostAlloc above and not used any more (the engine is
+            // going away; the event loop revoked its registrations when it stopped).
+            unsafe {
+                cu::cuMemFreeHost(a as *mut c_void);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- engine state
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    /// Waiting for the scheduler's go for the first NCCL step.
+    WaitGo0,
+    /// Staged out; chunks travel to the servers and back.
+    Network,
+    /// Waiting for the go of the gather step.
+    WaitGo1,
+    /// Everything posted; waiting for the last event.
+    Finishing,
+}
+
+struct OpState {
+    op: GpuOp,
+    seq: u32,
+    chunks: Vec<Chunk>,
+    owner: Vec<u32>,
+    phase: Phase,
+    staging: Option<RawSlice>,
+    host: Option<Handle<Error>>,
+    /// D2H copies in flight: (chunk, event).
+    d2h: Vec<(u32, cu::CUevent)>,
+    /// H2D copies still expected (owned chunks not answered yet).
+    h2d_left: usize,
+    /// The last H2D copy's event.
+    last_h2d: Option<cu::CUevent>,
+    done_event: Option<cu::CUevent>,
+    deadline: Instant,
+}
+
+struct Engine {
+    device: i32,
+    ctx: cu::CUcontext,
+    shape: Shape,
+    links: Links,
+    subs: Receiver<GpuOp>,
+    s_nccl: cu::CUstream,
+    s_d2h: cu::CUstream,
+    s_h2d: cu::CUstream,
+    comm: Option<nc::ncclComm_t>,
+    comm_err: Option<String>,
+    pool: PinnedPool,
+    events: Vec<cu::CUevent>,
+    ops: HashMap<u64, OpState>,
+    next_op: u64,
+    seqs: HashMap<u32, u32>,
+    /// Go-aheads that arrived before their operation asked: (tensor, seq, phase).
+    early_go: HashSet<(u32, u32, u8)>,
+    /// Chunks waiting for the STAGE_OUT copy, under priority and credit.
+    stage_out: CreditQueue<(u64, u32)>,
+    /// Operations not started because the communicator is not ready yet.
+    parked: Vec<GpuOp>,
+    /// What a STAGE_OUT copy must wait for: the chunk's reduction or the caller's stream.
+    d2h_wait: HashMap<(u64, u32), cu::CUevent>,
+    /// Caller-stream events shared by all chunks of an operation (one GPU per host).
+    keep_user_event: HashMap<u64, cu::CUevent>,
+    host_cq: CompletionQueue<Error>,
+    broken: Option<Error>,
+    nodes: u32,
+}
+
+// SAFETY (for the raw CUDA handles held above): they are used only on the engine thread.
+
+impl Engine {
+    fn new(
+        device: i32,
+        ctx: cu::CUcontext,
+        shape: Shape,
+        links: Links,
+        subs: Receiver<GpuOp>,
+    ) -> Result<Engine, (String, Receiver<GpuOp>)> {
+        // SAFETY: `ctx` is the retained primary context of `device`.
+        if let Err(e) = check(unsafe { cu::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent") {
+            return Err((e, subs));
+        }
+        let mut streams = [std::ptr::null_mut(); 3];
+        for s in streams.iter_mut() {
+            if let Err(e) = check(
+                // SAFETY: valid out-pointer; context current. Non-blocking: no implicit sync with
+                // the legacy default stream (the caller's stream is waited for explicitly).
+                unsafe { cu::cuStreamCreate(s, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+                "cuStreamCreate",
+            ) {
+                return Err((e, subs));
+            }
+        }
+        let l = shape.local_size.max(1);
+        let nodes = shape.num_workers / l;
+        let credit = shape.credit_bytes.max(shape.partition_bytes as u64);
+        Ok(Engine {
+            device,
+            ctx,
+            subs,
+            s_nccl: streams[0],
+            s_d2h: streams[1],
+            s_h2d: streams[2],
+            comm: None,
+            comm_err: None,
+            pool: PinnedPool {
+                free: HashMap::new(),
+                all: Vec::new(),
+            },
+            events: Vec::new(),
+            ops: HashMap::new(),
+            next_op: 1,
+            seqs: HashMap::new(),
+            early_go: HashSet::new(),
+            stage_out: CreditQueue::new(credit),
+            parked: Vec::new(),
+            d2h_wait: HashMap::new(),
+            keep_user_event: HashMap::new(),
+            host_cq: CompletionQueue::new(false),
+            broken: None,
+            nodes,
+            shape,
+            links,
+        })
+    }
+
+    fn l(&self) -> u32 {
+        self.shape.local_size.max(1)
+    }
+
+    fn local_rank(&self) -> u32 {
+        self.shape.rank % self.l()
+    }
+
+    fn group(&self) -> u32 {
+        self.shape.rank / self.l()
+    }
+
+    fn send_sched(&self, m: &Msg) {
+        let mut s = self.links.sched.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = crate::sched::write_msg(&mut s, m) {
+            tracing::debug!("GPU engine: send to the scheduler failed: {e}");
+        }
+    }
+
+    fn event(&mut self) -> Result<cu::CUevent, String> {
+        if let Some(e) = self.events.pop() {
+            return Ok(e);
+        }
+        let mut e = std::ptr::null_mut();
+        check(
+            // SAFETY: valid out-pointer, context current.
+            unsafe { cu::cuEventCreate(&mut e, cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32) },
+            "cuEventCreate",
+        )?;
+        Ok(e)
+    }
+
+    fn record(&mut self, stream: cu::CUstream) -> Result<cu::CUevent, String> {
+        let e = self.event()?;
+        // SAFETY: a live event and stream of this context.
+        check(unsafe { cu::cuEventRecord(e, stream) }, "cuEventRecord")?;
+        Ok(e)
+    }
+
+    fn wait(&self, stream: cu::CUstream, e: cu::CUevent) -> Result<(), String> {
+        check(
+            // SAFETY: a live stream and a recorded event of this context.
+            unsafe { cu::cuStreamWaitEvent(stream, e, 0) },
+            "cuStreamWaitEvent",
+        )
+    }
+
+    /// Whether the work before `e` finished.
+    fn done(e: cu::CUevent) -> Result<bool, String> {
+        // SAFETY: a live event.
+        match unsafe { cu::cuEventQuery(e) } {
+            cu::CUresult::CUDA_SUCCESS => Ok(true),
+            cu::CUresult::CUDA_ERROR_NOT_READY => Ok(false),
+            r => Err(format!("GPU work failed: {r:?}")),
+        }
+    }
+
+    // ------------------------------------------------------------ the loop
+
+    fn run(&mut self) {
+        if self.l() > 1 && self.nodes >= 1 {
+            if let Err(e) = self.init_comm() {
+                self.comm_err = Some(e.clone());
+                self.broken = Some(Error::Peer {
+                    what: "NCCL communicator of this host's GPUs".into(),
+                    peer: format!("local ranks of host group {}", self.group()),
+                    reason: e,
+                });
+            }
+        }
+        for op in std::mem::take(&mut self.parked) {
+            self.start(op);
+        }
+        let (subs, inbox) = (self.subs.clone(), self.links.inbox.clone());
+        loop {
+            let busy = !self.ops.is_empty();
+            let timeout = if busy {
+                Duration::from_micros(20)
+            } else {
+                Duration::from_millis(100)
+            };
+            let mut sel = Select::new();
+            let i_subs = sel.recv(&subs);
+            let i_inbox = sel.recv(&inbox);
+            match sel.select_timeout(timeout) {
+                Ok(o) if o.index() == i_subs => match o.recv(&subs) {
+                    Ok(op) => self.start(op),
+                    Err(_) => break,
+                },
+                Ok(o) if o.index() == i_inbox => match o.recv(&inbox) {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                },
+                _ => {}
+            }
+            while let Ok(m) = self.links.inbox.try_recv() {
+                self.on_msg(m);
+            }
+            self.progress();
+        }
+        self.teardown();
+    }
+
+    fn teardown(&mut self) {
+        let err = self.broken.clone().unwrap_or(Error::ShutDown);
+        let ids: Vec<u64> = self.ops.keys().copied().collect();
+        for id in ids {
+            self.fail(id, err.clone());
+        }
+        if let Some(c) = self.comm.take() {
+            // SAFETY: our communicator; abort does not wait for other ranks.
+            unsafe {
+                nc::ncclCommAbort(c);
+            }
+        }
+        for e in self.events.drain(..) {
+            // SAFETY: events created by this engine and no longer referenced.
+            unsafe {
+                cu::cuEventDestroy_v2(e);
+            }
+        }
+        for s in [self.s_nccl, self.s_d2h, self.s_h2d] {
+            // SAFETY: streams created by this engine; the pool's buffers are freed after.
+            unsafe {
+                cu::cuStreamSynchronize(s);
+                cu::cuStreamDestroy_v2(s);
+            }
+        }
+        let _ = self.ctx;
+    }
+
+    /// Build the NCCL communicator of the host group: local rank 0 makes the id and sends it
+    /// through the scheduler; everyone joins.
+    fn init_comm(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + self.shape.timeout;
+        let id: nc::ncclUniqueId = if self.local_rank() == 0 {
+            let mut id = std::mem::MaybeUninit::<nc::ncclUniqueId>::uninit();
+            nccl_check(
+                // SAFETY: valid out-pointer; NCCL was found at start.
+                unsafe { nc::ncclGetUniqueId(id.as_mut_ptr()) },
+                "ncclGetUniqueId",
+            )?;
+            // SAFETY: initialised by the successful call above.
+            let id = unsafe { id.assume_init() };
+            let bytes: Vec<u8> = id.internal.iter().map(|c| *c as u8).collect();
+            self.send_sched(&Msg::GpuId {
+                group: self.group(),
+                id: bytes,
+            });
+            id
+        } else {
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(format!(
+                        "no NCCL id from local rank 0 of host group {} within {:?} (BPS_TIMEOUT): does every worker of the host use GPU tensors?",
+                        self.group(),
+                        self.shape.timeout
+                    ));
+                }
+                // Submissions that arrive meanwhile wait.
+                while let Ok(op) = self.subs.try_recv() {
+                    self.parked.push(op);
+                }
+                match self
+                    .links
+                    .inbox
+                    .recv_timeout(left.min(Duration::from_millis(50)))
+                {
+                    Ok(GpuMsg::Sched(Msg::GpuId { group, id })) if group == self.group() => {
+                        if id.len() != 128 {
+                            return Err(format!("NCCL id of {} bytes, expected 128", id.len()));
+                        }
+                        let mut u = nc::ncclUniqueId { internal: [0; 128] };
+                        for (d, s) in u.internal.iter_mut().zip(&id) {
+                            *d = *s as std::ffi::c_char;
+                        }
+                        break u;
+                    }
+                    Ok(GpuMsg::Sched(Msg::GpuGo { tensor, seq, phase })) => {
+                        self.early_go.insert((tensor, seq, phase));
+                    }
+                    Ok(_) => {}
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                    Err(_) => return Err("the runtime stopped".into()),
+                }
+            }
+        };
+        // ncclCommInitRank blocks until every local rank joined: run it aside so a missing
+        // rank becomes a timeout, not a hang.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (l, r, ctx) = (self.l() as i32, self.local_rank() as i32, self.ctx as usize);
+        std::thread::Builder::new()
+            .name("bps-nccl-init".into())
+            .spawn(move || {
+                let mut comm = std::ptr::null_mut();
+                // SAFETY: `ctx` is the retained primary context; valid out-pointer; the id
+                // is the group's.
+                let res = unsafe {
+                    cu::cuCtxSetCurrent(ctx as cu::CUcontext);
+                    nc::ncclCommInitRank(&mut comm, l, id, r)
+                };
+                let _ = tx.send((res, comm as usize));
+            })
+            .map_err(|e| format!("spawn: {e}"))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_secs(1))) {
+            Ok((res, comm)) => {
+                nccl_check(res, "ncclCommInitRank")?;
+                self.comm = Some(comm as nc::ncclComm_t);
+                tracing::debug!(
+                    "GPU {}: NCCL communicator of {} local GPUs ready (local rank {})",
+                    self.device,
+                    l,
+                    r
+                );
+                Ok(())
+            }
+            Err(_) => Err(format!(
+                "the NCCL communicator of host group {} did not form within {:?} (BPS_TIMEOUT): a local rank is missing",
+                self.group(),
+                self.shape.timeout
+            )),
+        }
+    }
+
+    fn on_msg(&mut self, m: GpuMsg) {
+        match m {
+            GpuMsg::Sched(Msg::GpuGo { tensor, seq, phase }) => {
+                let found = self
+                    .ops
+                    .iter()
+                    .find(|(_, o)| o.op.tensor == tensor && o.seq == seq)
+                    .map(|(id, _)| *id);
+                match found {
+                    Some(id) => self.on_go(id, phase),
+                    None => {
+                        self.early_go.insert((tensor, seq, phase));
+                    }
+                }
+            }
+            GpuMsg::Sched(_) => {}
+            GpuMsg::ChunkDone { op, chunk } => self.on_chunk_done(op, chunk),
+        }
+    }
+
+    fn fail(&mut self, id: u64, err: Error) {
+        if let Some(o) = self.ops.remove(&id) {
+            for (_, e) in &o.d2h {
+                self.events.push(*e);
+            }
+            // The staging buffer may still be written by a late answer if the host op did not
+            // fail: it is not reused (leaked to the pool only when the host op is finished).
+            if let Some(s) = o.staging {
+                if o.host
+                    .as_ref()
+                    .is_none_or(|h| h.status() != Status::Pending)
+                {
+                    self.pool.put(s);
+                }
+            }
+            o.op.completer.complete(Err(err));
+        }
+    }
+
+    fn fail_op_and_comm(&mut self, id: u64, why: String) {
+        let err = Error::Peer {
+            what: format!(
+                "GPU operation on {:?}",
+                self.ops
+                    .get(&id)
+                    .map(|o| o.op.name.clone())
+                    .unwrap_or_default()
+            ),
+            peer: format!("GPU {}", self.device),
+            reason: why,
+        };
+        self.fail(id, err.clone());
+        // NCCL calls other ranks may be waiting in cannot complete now: abort the
+        // communicator so nothing spins forever, and fail everything after.
+        if let Some(c) = self.comm.take() {
+            // SAFETY: our communicator; abort does not wait for other ranks.
+            unsafe {
+                nc::ncclCommAbort(c);
+            }
+        }
+        if self.broken.is_none() {
+            self.broken = Some(err.clone());
+        }
+        let ids: Vec<u64> = self.ops.keys().copied().collect();
+        for id in ids {
+            self.fail(id, err.clone());
+        }
+    }
+
+    // ------------------------------------------------------------ stages
+
+    fn start(&mut self, op: GpuOp) {
+        if let Some(e) = &self.broken {
+            op.completer.complete(Err(e.clone()));
+            return;
+        }
+        if op.buf.device != self.device {
+            let e = Error::InvalidArgument(format!(
+                "tensor {:?} is on GPU {} but this process uses GPU {} (one GPU per worker: set CUDA_VISIBLE_DEVICES or use the same device)",
+                op.name, op.buf.device, self.device
+            ));
+            op.completer.complete(Err(e));
+            return;
+        }
+        if op.buf.bytes == 0 || (self.shape.num_workers == 1) {
+            // Nothing to reduce with: the tensor already is the result (a one-worker average
+            // divides by one).
+            op.completer.complete(Ok(()));
+            return;
+        }
+        let chunks = match partition(
+            op.buf.bytes,
+            op.buf.dtype.size(),
+            self.shape.partition_bytes,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                op.completer
+                    .complete(Err(Error::InvalidArgument(e.to_string())));
+                return;
+            }
+        };
+        let l = self.l();
+        let owner: Vec<u32> = chunks
+            .iter()
+            .map(|c| op.tensor.wrapping_add(c.index.0) % l)
+            .collect();
+        let seq = {
+            let s = self.seqs.entry(op.tensor).or_insert(0);
+            let v = *s;
+            *s += 1;
+            v
+        };
+        let id = self.next_op;
+        self.next_op += 1;
+        let deadline = Instant::now() + self.shape.timeout;
+        let tensor = op.tensor;
+        self.ops.insert(
+            id,
+            OpState {
+                op,
+                seq,
+                chunks,
+                owner,
+                phase: Phase::WaitGo0,
+                staging: None,
+                host: None,
+                d2h: Vec::new(),
+                h2d_left: 0,
+                last_h2d: None,
+                done_event: None,
+                deadline,
+            },
+        );
+        if l > 1 {
+            self.ask_go(id, tensor, seq, 0);
+        } else {
+            self.on_go(id, 0);
+        }
+    }
+
+    fn ask_go(&mut self, id: u64, tensor: u32, seq: u32, phase: u8) {
+        if self.early_go.remove(&(tensor, seq, phase)) {
+            self.on_go(id, phase);
+        } else {
+            self.send_sched(&Msg::GpuReady { tensor, seq, phase });
+        }
+    }
+
+    fn on_go(&mut self, id: u64, phase: u8) {
+        let r = match phase {
+            0 => self.go_first(id),
+            _ => self.go_gather(id),
+        };
+        if let Err(why) = r {
+            self.fail_op_and_comm(id, why);
+        }
+    }
+
+    /// The first GPU step: all-reduce on one host; else reduce each chunk to its owner and
+    /// queue the owned chunks for STAGE_OUT.
+    fn go_first(&mut self, id: u64) -> Result<(), String> {
+        let nodes = self.nodes;
+        let l = self.l();
+        let me = self.local_rank();
+        let Some(o) = self.ops.get(&id) else {
+            return Ok(());
+        };
+        if o.phase != Phase::WaitGo0 {
+            return Ok(());
+        }
+        let buf = o.op.buf;
+        let kind = o.op.kind;
+        let chunks = o.chunks.clone();
+        let owner = o.owner.clone();
+        // Work on the caller's stream so far comes first.
+        let user = self.record(buf.stream as usize as cu::CUstream)?;
+        let dt = nccl_type(buf.dtype);
+        let count = buf.bytes / buf.dtype.size();
+        let p = buf.ptr as *mut c_void;
+        if nodes == 1 {
+            let comm = self.comm.ok_or("no NCCL communicator")?;
+            self.wait(self.s_nccl, user)?;
+            // SAFETY: `p` is device memory of `count` elements (the API caller's promise);
+            // in-place collectives are allowed; our communicator and stream.
+            let r = unsafe {
+                match kind {
+                    OpKind::Sum { average } => nc::ncclAllReduce(
+                        p,
+                        p,
+                        count,
+                        dt,
+                        if average {
+                            nc::ncclRedOp_t::ncclAvg
+                        } else {
+                            nc::ncclRedOp_t::ncclSum
+                        },
+                        comm,
+                        self.s_nccl as nc::cudaStream_t,
+                    ),
+                    OpKind::Broadcast { root } => nc::ncclBroadcast(
+                        p,
+                        p,
+                        count,
+                        dt,
+                        (root % l) as i32,
+                        comm,
+                        self.s_nccl as nc::cudaStream_t,
+                    ),
+                }
+            };
+            nccl_check(r, "NCCL collective")?;
+            let done = self.record(self.s_nccl)?;
+            self.events.push(user);
+            let o = self.ops.get_mut(&id).expect("checked");
+            o.done_event = Some(done);
+            o.phase = Phase::Finishing;
+            return Ok(());
+        }
+        if let OpKind::Broadcast { .. } = kind {
+            return self.broadcast_across_hosts(id, user);
+        }
+        // LOCAL_REDUCE: each chunk to its owner.
+        let esz = buf.dtype.size();
+        let staging = self.pool.get(buf.bytes)?;
+        if l > 1 {
+            let comm = self.comm.ok_or("no NCCL communicator")?;
+            self.wait(self.s_nccl, user)?;
+            let mut reduced = Vec::new();
+            for (c, ow) in chunks.iter().zip(&owner) {
+                let cp = (buf.ptr + c.offset as u64) as *mut c_void;
+                // SAFETY: the chunk lies inside the caller's device buffer; in place.
+                let r = unsafe {
+                    nc::ncclReduce(
+                        cp,
+                        cp,
+                        c.len / esz,
+                        dt,
+                        nc::ncclRedOp_t::ncclSum,
+                        *ow as i32,
+                        comm,
+                        self.s_nccl as nc::cudaStream_t,
+                    )
+                };
+                nccl_check(r, "ncclReduce")?;
+                if *ow == me {
+                    reduced.push((c.index.0, self.record(self.s_nccl)?));
+                }
+            }
+            self.events.push(user);
+            for (ci, ev) in reduced {
+                self.stage_out.push(
+                    (id, ci),
+                    Priority(self.prio(id)),
+                    chunks[ci as usize].len as u64,
+                );
+                self.d2h_wait.insert((id, ci), ev);
+            }
+        } else {
+            for c in &chunks {
+                self.stage_out
+                    .push((id, c.index.0), Priority(self.prio(id)), c.len as u64);
+                // Every D2H copy waits for the caller's stream.
+                self.d2h_wait.insert((id, c.index.0), user);
+            }
+            self.keep_user_event.insert(id, user);
+        }
+        let owned: Vec<bool> = owner.iter().map(|ow| *ow == me).collect();
+        let n_owned = owned.iter().filter(|x| **x).count();
+        let (handle, completer) = self.host_cq.register(id);
+        let o = self.ops.get_mut(&id).expect("checked");
+        o.staging = Some(staging);
+        o.h2d_left = n_owned;
+        o.phase = Phase::Network;
+        let average = matches!(o.op.kind, OpKind::Sum { average: true });
+        let req = OpRequest {
+            tensor: o.op.tensor,
+            name: o.op.name.clone(),
+            dtype: buf.dtype,
+            bytes: buf.bytes,
+            input: RawSlice {
+                addr: staging.addr,
+                len: buf.bytes,
+            },
+            output: RawSlice {
+                addr: staging.addr,
+                len: buf.bytes,
+            },
+            kind: OpKind::Sum { average },
+            priority: o.op.priority,
+            completer,
+            gpu: Some(GpuHost {
+                op: id,
+                owned,
+                notify: self.links.inbox_tx.clone(),
+            }),
+        };
+        o.host = Some(handle);
+        self.links
+            .cmds
+            .send(Command::Op(req))
+            .map_err(|_| "the event loop stopped".to_string())?;
+        self.links.waker.wake();
+        if n_owned == 0 {
+            self.after_network(id)?;
+        }
+        Ok(())
+    }
+
+    fn prio(&self, id: u64) -> i32 {
+        self.ops.get(&id).map_or(0, |o| o.op.priority)
+    }
+
+    /// A broadcast across hosts: every worker stages its tensor out, the host path broadcasts
+    /// the root's, and the result is staged in.
+    fn broadcast_across_hosts(&mut self, id: u64, user: cu::CUevent) -> Result<(), String> {
+        let o = self.ops.get(&id).expect("checked by the caller");
+        let buf = o.op.buf;
+        let staging = self.pool.get(buf.bytes)?;
+        self.wait(self.s_d2h, user)?;
+        check(
+            // SAFETY: pinned buffer of at least `bytes` bytes; device range of the caller.
+            unsafe {
+                cu::cuMemcpyDtoHAsync_v2(
+                    staging.addr as *mut c_void,
+                    buf.ptr,
+                    buf.bytes,
+                    self.s_d2h,
+                )
+            },
+            "cuMemcpyDtoHAsync",
+        )?;
+        // The host op must not read the buffer before the copy ends: wait here (broadcasts
+        // are for start-up, not the training step).
+        check(
+            // SAFETY: a live stream.
+            unsafe { cu::cuStreamSynchronize(self.s_d2h) },
+            "cuStreamSynchronize",
+        )?;
+        self.events.push(user);
+        let (handle, completer) = self.host_cq.register(id);
+        let o = self.ops.get_mut(&id).expect("checked by the caller");
+        let OpKind::Broadcast { root } = o.op.kind else {
+            return Err("not a broadcast".into());
+        };
+        let r = RawSlice {
+            addr: staging.addr,
+            len: buf.bytes,
+        };
+        let req = OpRequest {
+            tensor: o.op.host_tensor,
+            name: format!("{} (GPU broadcast)", o.op.name),
+            dtype: buf.dtype,
+            bytes: buf.bytes,
+            input: r,
+            output: r,
+            kind: OpKind::Broadcast { root },
+            priority: o.op.priority,
+            completer,
+            gpu: None,
+        };
+        o.staging = Some(staging);
+        o.host = Some(handle);
+        o.phase = Phase::Network;
+        o.h2d_left = usize::MAX; // finished when the host op completes
+        self.links
+            .cmds
+            .send(Command::Op(req))
+            .map_err(|_| "the event loop stopped".to_string())?;
+        self.links.waker.wake();
+        Ok(())
+    }
+
+    fn on_chunk_done(&mut self, id: u64, chunk: u32) {
+        let r = (|| -> Result<(), String> {
+            let Some(o) = self.ops.get(&id) else {
+                return Ok(());
+            };
+            let Some(c) = o.chunks.get(chunk as usize).copied() else {
+                return Ok(());
+            };
+            let buf = o.op.buf;
+            let staging = o.staging.ok_or("no staging buffer")?;
+            // STAGE_IN of this chunk, while other chunks are still on the wire.
+            check(
+                // SAFETY: the chunk lies inside both the pinned buffer and the device buffer; the
+                // event loop wrote the answer before announcing it.
+                unsafe {
+                    cu::cuMemcpyHtoDAsync_v2(
+                        buf.ptr + c.offset as u64,
+                        (staging.addr + c.offset) as *const c_void,
+                        c.len,
+                        self.s_h2d,
+                    )
+                },
+                "cuMemcpyHtoDAsync",
+            )?;
+            let o = self.ops.get_mut(&id).expect("checked");
+            o.h2d_left = o.h2d_left.saturating_sub(1);
+            o.deadline = Instant::now() + self.shape.timeout;
+            if o.h2d_left == 0 {
+                self.after_network(id)?;
+            }
+            Ok(())
+        })();
+        if let Err(why) = r {
+            self.fail_op_and_comm(id, why);
+        }
+    }
+
+    /// Every owned chunk is back on the GPU (copies posted): gather across local GPUs.
+    fn after_network(&mut self, id: u64) -> Result<(), String> {
+        let last = self.record(self.s_h2d)?;
+        let Some(o) = self.ops.get_mut(&id) else {
+            return Ok(());
+        };
+        o.last_h2d = Some(last);
+        if self.shape.local_size.max(1) > 1 {
+            o.phase = Phase::WaitGo1;
+            let (t, s) = (o.op.tensor, o.seq);
+            self.ask_go(id, t, s, 1);
+        } else {
+            o.phase = Phase::Finishing;
+            o.done_event = o.last_h2d.take();
+        }
+        Ok(())
+    }
+
+    /// LOCAL_GATHER: broadcast each chunk from its owner to the host's other GPUs.
+    fn go_gather(&mut self, id: u64) -> Result<(), String> {
+        let Some(o) = self.ops.get_mut(&id) else {
+            return Ok(());
+        };
+        if o.phase != Phase::WaitGo1 {
+            return Ok(());
+        }
+        let comm = self.comm.ok_or("no NCCL communicator")?;
+        let last = o.last_h2d.take().ok_or("no staging-in event")?;
+        let buf = o.op.buf;
+        let esz = buf.dtype.size();
+        let dt = nccl_type(buf.dtype);
+        let work: Vec<(Chunk, u32)> = o.chunks.iter().copied().zip(o.owner.clone()).collect();
+        self.wait(self.s_nccl, last)?;
+        self.events.push(last);
+        nccl_check(nc::ncclResult_t::ncclSuccess, "")?;
+        // SAFETY: group calls bracket the broadcasts below.
+        nccl_check(unsafe { nc::ncclGroupStart() }, "ncclGroupStart")?;
+        let mut res = Ok(());
+        for (c, ow) in &work {
+            let cp = (buf.ptr + c.offset as u64) as *mut c_void;
+            // SAFETY: the chunk lies inside the caller's device buffer; in place.
+            let r = unsafe {
+                nc::ncclBroadcast(
+                    cp,
+                    cp,
+                    c.len / esz,
+                    dt,
+                    *ow as i32,
+                    comm,
+                    self.s_nccl as nc::cudaStream_t,
+                )
+            };
+            if res.is_ok() {
+                res = nccl_check(r, "ncclBroadcast");
+            }
+        }
+        // SAFETY: closes the group opened above.
+        nccl_check(unsafe { nc::ncclGroupEnd() }, "ncclGroupEnd")?;
+        res?;
+        let done = self.record(self.s_nccl)?;
+        let o = self.ops.get_mut(&id).expect("checked");
+        o.done_event = Some(done);
+        o.phase = Phase::Finishing;
+        Ok(())
+    }
+
+    /// Poll events and host operations; move operations along.
+    fn progress(&mut self) {
+        // STAGE_OUT under priority and credit.
+        while let Some(((id, ci), bytes)) = self.stage_out.pop() {
+            if !self.ops.contains_key(&id) {
+                self.stage_out.release(bytes);
+                if let Some(ev) = self.d2h_wait.remove(&(id, ci)) {
+                    if self.shape.local_size.max(1) > 1 {
+                        self.events.push(ev);
+                    }
+                }
+                continue;
+            }
+            if let Err(why) = self.stage_out_chunk(id, ci) {
+                self.stage_out.release(bytes);
+                self.fail_op_and_comm(id, why);
+            }
+        }
+        let now = Instant::now();
+        let ids: Vec<u64> = self.ops.keys().copied().collect();
+        for id in ids {
+            if let Err(why) = self.progress_op(id, now) {
+                self.fail_op_and_comm(id, why);
+            }
+        }
+    }
+
+    fn stage_out_chunk(&mut self, id: u64, ci: u32) -> Result<(), String> {
+        let wait_on = self.d2h_wait.remove(&(id, ci));
+        let Some(o) = self.ops.get(&id) else {
+            return Ok(());
+        };
+        let c = o.chunks[ci as usize];
+        let buf = o.op.buf;
+        let staging = o.staging.ok_or("no staging buffer")?;
+        if let Some(ev) = wait_on {
+            self.wait(self.s_d2h, ev)?;
+            if self.shape.local_size.max(1) > 1 {
+                self.events.push(ev);
+            }
+        }
+        check(
+            // SAFETY: the chunk lies inside both the device buffer and the pinned buffer.
+            unsafe {
+                cu::cuMemcpyDtoHAsync_v2(
+                    (staging.addr + c.offset) as *mut c_void,
+                    buf.ptr + c.offset as u64,
+                    c.len,
+                    self.s_d2h,
+                )
+            },
+            "cuMemcpyDtoHAsync",
+        )?;
+        let e = self.record(self.s_d2h)?;
+        self.ops.get_mut(&id).expect("checked").d2h.push((ci, e));
+        Ok(())
+    }
+
+    fn progress_op(&mut self, id: u64, now: Instant) -> Result<(), String> {
+        let Some(o) = self.ops.get_mut(&id) else {
+            return Ok(());
+        };
+        // STAGE_OUT copies that finished release their chunk to the network.
+        let mut i = 0;
+        while i < o.d2h.len() {
+            let (ci, ev) = o.d2h[i];
+            if Self::done(ev)? {
+                o.d2h.swap_remove(i);
+                self.events.push(ev);
+                self.stage_out.release(o.chunks[ci as usize].len as u64);
+                let _ = self.links.cmds.send(Command::Release {
+                    tensor: o.op.tensor,
+                    op: id,
+                    chunk: ci,
+                });
+                self.links.waker.wake();
+            } else {
+                i += 1;
+            }
+        }
+        if o.d2h.is_empty() {
+            if let Some(ev) = self.keep_user_event.get(&id).copied() {
+                if !self.d2h_wait.keys().any(|(i, _)| *i == id) {
+                    self.keep_user_event.remove(&id);
+                    self.events.push(ev);
+                }
+            }
+        }
+        // The host part failed: the GPU operation fails with its error.
+        if let Some(h) = &o.host {
+            match h.status() {
+                Status::Pending => {}
+                _ => {
+                    if let Some(Err(e)) = h.result() {
+                        let e = e.clone();
+                        o.host = None;
+                        if let Some(s) = o.staging.take() {
+                            self.pool.put(s);
+                        }
+                        self.fail_after_host_error(id, e);
+                        return Ok(());
+                    }
+                    if o.h2d_left == usize::MAX {
+                        // A staged broadcast: its result is in the pinned buffer.
+                        let buf = o.op.buf;
+                        let staging = o.staging.ok_or("no staging buffer")?;
+                        check(
+                            // SAFETY: pinned buffer of at least `bytes` bytes; caller's device range.
+                            unsafe {
+                                cu::cuMemcpyHtoDAsync_v2(
+                                    buf.ptr,
+                                    staging.addr as *const c_void,
+                                    buf.bytes,
+                                    self.s_h2d,
+                                )
+                            },
+                            "cuMemcpyHtoDAsync",
+                        )?;
+                        let e = self.record(self.s_h2d)?;
+                        let o = self.ops.get_mut(&id).expect("present");
+                        o.h2d_left = 0;
+                        o.done_event = Some(e);
+                        o.phase = Phase::Finishing;
+                        o.host = None;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let o = self.ops.get_mut(&id).expect("present");
+        if o.phase == Phase::Finishing {
+            let host_done = o
+                .host
+                .as_ref()
+                .is_none_or(|h| h.status() != Status::Pending);
+            if let Some(ev) = o.done_event {
+                if host_done && Self::done(ev)? {
+                    let o = self.ops.remove(&id).expect("present");
+                    self.events.push(ev);
+                    if let Some(s) = o.staging {
+                        self.pool.put(s);
+                    }
+                    o.op.completer.complete(Ok(()));
+                    return Ok(());
+                }
+            }
+        }
+        let o = self.ops.get_mut(&id).expect("present");
+        if now > o.deadline {
+            let what = match o.phase {
+                Phase::WaitGo0 | Phase::WaitGo1 => format!(
+                    "the other GPUs of host group {} did not reach the same tensor within {:?} (BPS_TIMEOUT)",
+                    self.shape.rank / self.shape.local_size.max(1),
+                    self.shape.timeout
+                ),
+                Phase::Network => format!(
+                    "chunks did not come back from the servers within {:?} (BPS_TIMEOUT)",
+                    self.shape.timeout
+                ),
+                Phase::Finishing => format!(
+                    "GPU work did not finish within {:?} (BPS_TIMEOUT)",
+                    self.shape.timeout
+                ),
+            };
+            return Err(what);
+        }
+        Ok(())
+    }
+
+    fn fail_after_host_error(&mut self, id: u64, e: Error) {
+        let l = self.l();
+        self.fail(id, e.clone());
+        if l > 1 {
+            // The other local GPUs may wait in the gather step for this one.
+            if let Some(c) = self.comm.take() {
+                // SAFETY: our communicator; abort does not wait for other ranks.
+                unsafe {
+                    nc::ncclCommAbort(c);
+                }
+            }
+            if self.broken.is_none() {
+                self.broken = Some(e.clone());
+            }
+            let ids: Vec<u64> = self.ops.keys().copied().collect();
+            for id in ids {
+                self.fail(id, e.clone());
+            }
+        }
+    }
 }

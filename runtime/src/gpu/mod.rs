@@ -22,12 +22,16 @@ use crate::dtype::DType;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::*;
+pub use cuda::{nccl_version, probe};
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::{GpuEngine, GpuOp, Links, Shape};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub(crate) use stub::*;
+pub(crate) use stub::unsupported;
+#[cfg(not(feature = "cuda"))]
+pub use stub::{nccl_version, probe};
 
 /// A tensor in GPU memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

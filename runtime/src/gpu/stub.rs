@@ -16,3 +16,11 @@ pub(crate) fn unsupported(_buf: &DeviceBuf) -> Error {
         "GPU tensors need a build with the `cuda` feature (this one has none)".into(),
     )
 }
+
+/// NCCL's version: none in a build without CUDA.
+///
+/// # Errors
+/// Always: this build has no CUDA support.
+pub fn nccl_version() -> Result<i32, String> {
+    Err("this build has no CUDA support (build bps-runtime with the `cuda` feature)".into())
+}
