@@ -4,7 +4,7 @@
 
 mod common;
 
-use bps_runtime::{gpu, Bps, DType, DeviceBuf, Error, PushPullOpts};
+use bps_runtime::{gpu, DType, DeviceBuf, Error, PushPullOpts};
 use common::job;
 
 #[test]
@@ -82,6 +82,7 @@ mod on_gpu {
     //! Device memory helpers over the raw driver API (the runtime's own GPU code is what is
     //! under test, so the tests do not go through it to set up data).
     use super::*;
+    use bps_runtime::Bps;
     use cudarc::driver::sys as cu;
     use half::{bf16, f16};
 

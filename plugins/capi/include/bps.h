@@ -240,6 +240,90 @@ int bps_broadcast_async(const char *name,
                         struct bps_handle_t **handle_out);
 
 /**
+ * Whether this build of bps has the CUDA path (GPU memory in bps_push_pull_device and
+ * bps_broadcast_device). A build with it still starts on a machine without a GPU; whether
+ * this machine has a usable one is bps_gpu_count's question. Needs no bps_init (never fails).
+ *
+ * Returns 1 (built with CUDA) or 0 (without: every GPU call gives BPS_ERR_UNSUPPORTED).
+ */
+int bps_cuda_compiled(void);
+
+/**
+ * Number of GPUs this process can use (the CUDA devices it sees: CUDA_VISIBLE_DEVICES
+ * applies). The device ids of bps_push_pull_device are 0 ..= count - 1.
+ *
+ * Returns the count (>= 1), or BPS_ERR_UNSUPPORTED with the reason in bps_last_error (a
+ * build without CUDA, no CUDA driver on this machine, a driver that fails, no device),
+ * BPS_ERR_NOT_INITIALIZED before bps_init, BPS_ERR_SHUT_DOWN after bps_shutdown.
+ */
+int bps_gpu_count(void);
+
+/**
+ * Start summing, in place, `bytes` bytes of `dtype` elements in GPU memory at `dev_ptr` on
+ * CUDA device `device_id` across all workers; with `average` non-zero the sum is divided by
+ * the number of workers. Higher `priority` goes first. Returns at once; on BPS_OK
+ * `*handle_out` is a new handle to poll, wait on and free, as for bps_push_pull_async.
+ *
+ * `dev_ptr` is a device address (`CUdeviceptr` or the `void *` of cudaMalloc) and `stream`
+ * the CUDA stream (`CUstream` / `cudaStream_t`) whose work produces the data: bps orders its
+ * own work after what is queued on `stream` at the time of the call, so the caller need not
+ * synchronise first. NULL means the legacy default stream. The data is used in place: among
+ * this host's GPUs it stays on the devices (NCCL), only what crosses hosts is staged through
+ * pinned host memory by the runtime. When the operation finished (bps_poll or bps_wait gives
+ * something other than BPS_PENDING), the result is in place and every GPU operation bps
+ * queued on it has completed, so any stream may use it.
+ *
+ * The memory belongs to bps until the operation finishes: do not write or read it (from any
+ * stream) before then, and keep it allocated. `dev_ptr` may be null only when `bytes` is 0.
+ *
+ * Returns BPS_OK, BPS_ERR_INVALID_ARGUMENT (a null pointer, a negative device_id, an unknown
+ * dtype, a bad name, `bytes` not a whole number of elements, another device than the process
+ * uses), BPS_ERR_UNSUPPORTED (this build has no CUDA, or this machine no usable GPU: the
+ * message says why), BPS_ERR_NOT_INITIALIZED, BPS_ERR_SHUT_DOWN. Failures of the operation
+ * itself come from bps_poll / bps_wait. On failure `*handle_out` is set to NULL (if
+ * `handle_out` is not null).
+ *
+ * # Safety
+ * `name` is null or a NUL-terminated string; `dev_ptr` is null or device memory of at least
+ * `bytes` bytes on device `device_id`, left to bps until the operation finishes as above;
+ * `stream` is null or a live stream of that device; `handle_out` is null or valid for a
+ * write.
+ */
+int bps_push_pull_device(const char *name,
+                         void *dev_ptr,
+                         int device_id,
+                         size_t bytes,
+                         int dtype,
+                         void *stream,
+                         int average,
+                         int priority,
+                         struct bps_handle_t **handle_out);
+
+/**
+ * Start giving every worker the `bytes` bytes that worker `root` has in GPU memory at
+ * `dev_ptr` on device `device_id` (in place: on the other workers the memory is overwritten).
+ * Returns at once; on BPS_OK `*handle_out` is a new handle to poll, wait on and free.
+ *
+ * Memory, `stream` and completion as for bps_push_pull_device.
+ *
+ * Returns BPS_OK, BPS_ERR_INVALID_ARGUMENT (as bps_push_pull_device, or a root outside
+ * 0 ..= bps_size() - 1), BPS_ERR_UNSUPPORTED, BPS_ERR_NOT_INITIALIZED, BPS_ERR_SHUT_DOWN. On
+ * failure `*handle_out` is set to NULL (if `handle_out` is not null).
+ *
+ * # Safety
+ * As bps_push_pull_device.
+ */
+int bps_broadcast_device(const char *name,
+                         void *dev_ptr,
+                         int device_id,
+                         size_t bytes,
+                         int dtype,
+                         void *stream,
+                         int root,
+                         int priority,
+                         struct bps_handle_t **handle_out);
+
+/**
  * Whether the operation finished, without blocking (one atomic load).
  *
  * Returns BPS_OK (finished successfully), BPS_PENDING (still running), or the operation's

@@ -61,6 +61,89 @@ fn push_pull_round(name: &CStr) {
     assert_eq!(output, input, "one worker: the sum is the input");
 }
 
+/// With bps running: on a machine without a usable GPU (or in a build without CUDA) the device
+/// calls fail with BPS_ERR_UNSUPPORTED, say why, and leave the handle null; the job goes on.
+/// On a machine with a GPU they are not called (the pointer here is host memory).
+fn device_calls_without_a_gpu() {
+    let unsupported = BpsStatus::BPS_ERR_UNSUPPORTED.code();
+    let gpus = bps_gpu_count();
+    if gpus > 0 {
+        eprintln!("{gpus} GPU(s) visible: device calls not exercised on host memory");
+        return;
+    }
+    assert_eq!(gpus, unsupported, "{}", last_error());
+    let m = last_error();
+    let why = m
+        .strip_prefix("bps_gpu_count: no usable GPU: ")
+        .unwrap_or_else(|| panic!("{m}"))
+        .to_string();
+    assert!(why.len() > 10, "no reason in {m:?}");
+    let mut host = [1.0f32; 16];
+    let mut h = ptr::dangling_mut();
+    // SAFETY: a live local buffer (never used as device memory: the call fails first), a
+    // local handle slot, a NUL-terminated name, the default stream.
+    unsafe {
+        let rc = bps_push_pull_device(
+            c"gpu.grad".as_ptr(),
+            host.as_mut_ptr().cast(),
+            0,
+            64,
+            BPS_FLOAT32,
+            ptr::null_mut(),
+            1,
+            0,
+            &mut h,
+        );
+        assert_eq!(rc, unsupported, "{}", last_error());
+        assert!(h.is_null());
+        let m = last_error();
+        assert!(m.starts_with("bps_push_pull_device: unsupported: "), "{m}");
+        if bps_cuda_compiled() == 1 {
+            // The reason bps_gpu_count gives (e.g. no driver on this machine).
+            assert!(m.contains(&why), "{m:?} does not say why ({why:?})");
+        } else {
+            assert!(
+                m.contains("cuda"),
+                "{m:?} does not say the build lacks CUDA"
+            );
+        }
+        let rc = bps_broadcast_device(
+            c"gpu.bcast".as_ptr(),
+            host.as_mut_ptr().cast(),
+            0,
+            64,
+            BPS_FLOAT32,
+            ptr::null_mut(),
+            0,
+            0,
+            &mut h,
+        );
+        assert_eq!(rc, unsupported, "{}", last_error());
+        assert!(h.is_null());
+        assert!(
+            last_error().starts_with("bps_broadcast_device: unsupported: "),
+            "{}",
+            last_error()
+        );
+        // Arguments are still checked first.
+        let rc = bps_broadcast_device(
+            c"gpu.bcast".as_ptr(),
+            host.as_mut_ptr().cast(),
+            0,
+            64,
+            BPS_FLOAT32,
+            ptr::null_mut(),
+            3,
+            0,
+            &mut h,
+        );
+        assert_eq!(rc, BpsStatus::BPS_ERR_INVALID_ARGUMENT.code());
+        assert!(last_error().contains("root"), "{}", last_error());
+    }
+    assert_eq!(host, [1.0f32; 16]);
+    push_pull_round(c"after.gpu");
+}
+
 #[test]
 fn init_operate_shutdown_reinit() {
     single_worker_env();
@@ -134,6 +217,7 @@ fn init_operate_shutdown_reinit() {
         assert!(last_error().contains("root"), "{}", last_error());
     }
     assert_eq!(buf, [7u8; 6]);
+    device_calls_without_a_gpu();
 
     assert_eq!(bps_shutdown(), OK, "{}", last_error());
     assert_eq!(bps_shutdown(), OK, "a second shutdown is a no-op");

@@ -9,6 +9,11 @@
 //! What it does not do: it knows no framework (the Python modules turn tensors into addresses),
 //! it does not run servers or schedulers (`bps-launch` does), and it does not copy buffers.
 //!
+//! GPU memory goes through `push_pull_device_async` / `broadcast_device_async` (device
+//! address, CUDA device ordinal, and the CUDA stream whose work produces the data: the runtime
+//! orders its own work after it). In a build without CUDA, or on a machine without a usable
+//! GPU, they raise `UnsupportedError` saying why; `cuda_built()` and `gpus()` ask beforehand.
+//!
 //! Memory contract of the `*_async` functions: the caller guarantees that the addresses are
 //! valid for `nbytes` bytes. The module keeps the object passed as `keep` (the tensors) alive
 //! in its table until the operation is waited on, so the memory cannot be freed while the
@@ -19,7 +24,8 @@
 //! Errors are Python exceptions, all subclasses of `bps.BpsError` (a `RuntimeError`):
 //! `NotInitializedError`, `ShutDownError`, `InvalidArgumentError` and `ConfigError` (also
 //! `ValueError`), `MismatchError` (also `ValueError`), `PeerError` (also `ConnectionError`),
-//! `BpsTimeoutError` (also `TimeoutError`). Their message is the runtime's error text.
+//! `BpsTimeoutError` (also `TimeoutError`), `UnsupportedError` (also `NotImplementedError`).
+//! Their message is the runtime's error text.
 //!
 //! ```python
 //! from bps import _native as n
@@ -33,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use bps_runtime::{Bps, DType, Error, Handle, PushPullOpts};
+use bps_runtime::{Bps, DType, DeviceBuf, Error, Handle, PushPullOpts};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -85,6 +91,7 @@ struct Exceptions {
     mismatch: Py<PyType>,
     peer: Py<PyType>,
     timeout: Py<PyType>,
+    unsupported: Py<PyType>,
 }
 
 static EXC: PyOnceLock<Exceptions> = PyOnceLock::new();
@@ -100,6 +107,7 @@ enum Kind {
     Mismatch,
     Peer,
     Timeout,
+    Unsupported,
 }
 
 fn kind_of(e: &Error) -> Kind {
@@ -111,7 +119,8 @@ fn kind_of(e: &Error) -> Kind {
         Error::Mismatch { .. } => Kind::Mismatch,
         Error::Peer { .. } | Error::Rendezvous { .. } | Error::Transport(_) => Kind::Peer,
         Error::Timeout { .. } => Kind::Timeout,
-        Error::Abandoned | Error::Unsupported(_) => Kind::Base,
+        Error::Unsupported(_) => Kind::Unsupported,
+        Error::Abandoned => Kind::Base,
     }
 }
 
@@ -130,6 +139,7 @@ fn py_err(py: Python<'_>, kind: Kind, msg: String) -> PyErr {
         Kind::Mismatch => &x.mismatch,
         Kind::Peer => &x.peer,
         Kind::Timeout => &x.timeout,
+        Kind::Unsupported => &x.unsupported,
     };
     PyErr::from_type(ty.bind(py).clone(), msg)
 }
@@ -552,10 +562,128 @@ fn dtype_name(py: Python<'_>, dtype: i64) -> PyResult<&'static str> {
     Ok(dtype_arg(py, "bps.dtype_name", dtype)?.name())
 }
 
-/// Whether this build can work on CUDA memory (it cannot: the CUDA path is separate work).
+/// The GPU memory of a device call, checked.
+#[allow(clippy::too_many_arguments)]
+fn device_buf(
+    py: Python<'_>,
+    func: &str,
+    ptr: usize,
+    device: i32,
+    nbytes: usize,
+    dtype: i64,
+    stream: usize,
+) -> PyResult<DeviceBuf> {
+    let dtype = dtype_arg(py, func, dtype)?;
+    if device < 0 {
+        return Err(py_err(
+            py,
+            Kind::Invalid,
+            format!("{func}: device {device} is negative (a CUDA device ordinal)"),
+        ));
+    }
+    Ok(DeviceBuf {
+        ptr: ptr as u64,
+        device,
+        bytes: nbytes,
+        dtype,
+        stream: stream as u64,
+    })
+}
+
+/// Start a push_pull of GPU memory, in place: sum `nbytes` bytes of dtype `dtype` at device
+/// address `ptr` on CUDA device `device` across all workers, divided by the number of workers
+/// if `average`. `stream` is the CUDA stream (`cudaStream_t` as an int; 0 = the legacy default
+/// stream) whose queued work produces the data: the runtime orders its work after it, so the
+/// caller need not synchronise. Returns the handle id at once; once `wait` returned, the
+/// result is in place and every GPU operation bps made on it has finished (any stream may use
+/// it). No host copy of the data is made here.
+///
+/// Raises UnsupportedError (saying why) in a build without CUDA or on a machine without a
+/// usable GPU. Memory contract as `push_pull_async`: the memory stays untouched (by every
+/// stream) until the operation is waited on, and `keep` (the tensor) holds it alive until then.
+/// The submission runs without the GIL (the first one starts the GPU engine).
+#[pyfunction]
+#[pyo3(signature = (name, ptr, device, nbytes, dtype, stream=0, average=true, priority=0, keep=None))]
+#[allow(clippy::too_many_arguments)]
+fn push_pull_device_async(
+    py: Python<'_>,
+    name: &str,
+    ptr: usize,
+    device: i32,
+    nbytes: usize,
+    dtype: i64,
+    stream: usize,
+    average: bool,
+    priority: i32,
+    keep: Option<Py<PyAny>>,
+) -> PyResult<u64> {
+    const F: &str = "bps.push_pull_device_async";
+    let b = instance(py, F)?;
+    let buf = device_buf(py, F, ptr, device, nbytes, dtype, stream)?;
+    let opts = PushPullOpts { average, priority };
+    // SAFETY: the caller (the bps Python package) passes the device address of a live CUDA
+    // tensor of at least `nbytes` bytes on `device` and a live stream of that device (its
+    // current stream), and touches the tensor on no stream until the operation is waited on;
+    // `keep` holds the tensor in the table until then, so the memory outlives the operation.
+    let r = py.detach(|| unsafe { b.push_pull_device(name, buf, opts) });
+    let h = r.map_err(|e| rt_err(py, F, &e))?;
+    Ok(track(h, keep))
+}
+
+/// Start a broadcast of GPU memory from worker `root` (in place). Arguments, stream, memory
+/// contract and errors as `push_pull_device_async`.
+#[pyfunction]
+#[pyo3(signature = (name, ptr, device, nbytes, dtype, stream=0, root=0, priority=0, keep=None))]
+#[allow(clippy::too_many_arguments)]
+fn broadcast_device_async(
+    py: Python<'_>,
+    name: &str,
+    ptr: usize,
+    device: i32,
+    nbytes: usize,
+    dtype: i64,
+    stream: usize,
+    root: u32,
+    priority: i32,
+    keep: Option<Py<PyAny>>,
+) -> PyResult<u64> {
+    const F: &str = "bps.broadcast_device_async";
+    let b = instance(py, F)?;
+    let buf = device_buf(py, F, ptr, device, nbytes, dtype, stream)?;
+    // SAFETY: as in push_pull_device_async: a live CUDA tensor of `nbytes` bytes on `device`
+    // kept alive by `keep` in the table until the operation is waited on, a live stream.
+    let r = py.detach(|| unsafe { b.broadcast_device(name, buf, root, priority) });
+    let h = r.map_err(|e| rt_err(py, F, &e))?;
+    Ok(track(h, keep))
+}
+
+/// Whether this build has the CUDA path (GPU memory in the `*_device_async` functions). A
+/// build with it still starts without a GPU; `gpus()` says whether this machine has one.
 #[pyfunction]
 fn cuda_built() -> bool {
-    false
+    bps_runtime::gpu::compiled()
+}
+
+/// The GPUs this process can use, as dicts (index, name, memory in bytes, pci_bus_id).
+/// Raises UnsupportedError saying why there is none usable (a build without CUDA, no driver,
+/// no device).
+#[pyfunction]
+fn gpus(py: Python<'_>) -> PyResult<Vec<Py<PyDict>>> {
+    const F: &str = "bps.gpus";
+    let b = instance(py, F)?;
+    let list = py
+        .detach(|| b.gpus())
+        .map_err(|why| py_err(py, Kind::Unsupported, format!("{F}: no usable GPU: {why}")))?;
+    list.into_iter()
+        .map(|g| {
+            let d = PyDict::new(py);
+            d.set_item("index", g.index)?;
+            d.set_item("name", g.name)?;
+            d.set_item("memory", g.memory)?;
+            d.set_item("pci_bus_id", g.pci_bus_id)?;
+            Ok(d.unbind())
+        })
+        .collect()
 }
 
 /// Create `bps.<name>(bases...)` with a docstring.
@@ -575,7 +703,9 @@ fn new_exc<'py>(
 }
 
 fn make_exceptions(py: Python<'_>) -> PyResult<Exceptions> {
-    use pyo3::exceptions::{PyConnectionError, PyRuntimeError, PyTimeoutError, PyValueError};
+    use pyo3::exceptions::{
+        PyConnectionError, PyNotImplementedError, PyRuntimeError, PyTimeoutError, PyValueError,
+    };
     let rt = py.get_type::<PyRuntimeError>().into_any();
     let base = new_exc(
         py,
@@ -623,6 +753,13 @@ fn make_exceptions(py: Python<'_>) -> PyResult<Exceptions> {
             vec![b(), py.get_type::<PyTimeoutError>().into_any()],
             "No answer within BPS_TIMEOUT, or a wait with a timeout expired.",
         )?,
+        unsupported: new_exc(
+            py,
+            "UnsupportedError",
+            vec![b(), py.get_type::<PyNotImplementedError>().into_any()],
+            "Something this build or machine cannot do (e.g. CUDA tensors without CUDA or \
+             without a usable GPU); the message says why.",
+        )?,
         base,
     })
 }
@@ -640,6 +777,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MismatchError", x.mismatch.clone_ref(py))?;
     m.add("PeerError", x.peer.clone_ref(py))?;
     m.add("BpsTimeoutError", x.timeout.clone_ref(py))?;
+    m.add("UnsupportedError", x.unsupported.clone_ref(py))?;
     for d in DType::ALL {
         let n = match d {
             DType::F32 => "FLOAT32",
@@ -674,5 +812,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(dtype_size, m)?)?;
     m.add_function(wrap_pyfunction!(dtype_name, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_built, m)?)?;
+    m.add_function(wrap_pyfunction!(gpus, m)?)?;
+    m.add_function(wrap_pyfunction!(push_pull_device_async, m)?)?;
+    m.add_function(wrap_pyfunction!(broadcast_device_async, m)?)?;
     Ok(())
 }

@@ -17,6 +17,7 @@ mod progress;
 mod raw;
 #[allow(unsafe_code)]
 mod regmem;
+mod soak;
 mod sysinfo;
 
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Cmd {
     /// The transport alone between two processes of this machine (no scheduler, servers or
     /// runtime): write throughput per size, or message round trips with --pingpong.
     Raw(raw::RawArgs),
+    /// Randomized push_pull for a while (sizes, dtypes, priorities, tensors in flight drawn
+    /// from a seed), every result checked.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -576,6 +580,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Some(Cmd::Info) => return info(),
         Some(Cmd::Raw(a)) => return raw::main(a),
+        Some(Cmd::Soak(a)) => return soak::main(a),
         None => {}
     }
     let args = cli.run;

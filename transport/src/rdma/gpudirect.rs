@@ -11,8 +11,14 @@
 //!
 //! The policy is separate from the verbs ([`MrBackend`]) so it is tested with a fake; the verbs
 //! implementation is `rdma::Context` (feature `rdma`).
+//!
+//! Before any buffer is registered, [`select_route`] decides per peer link whether GPU buffers
+//! for that peer go direct at all: only over an rdma link, only where device memory can be
+//! exported as a dma-buf and only where the verbs device takes `ibv_reg_dmabuf_mr`; everything
+//! else is staged, with the reason in words. The inputs are plain values (the CUDA side is probed
+//! by the runtime), so this crate needs no CUDA.
 
-use crate::{Error, Result};
+use crate::{Error, LinkKind, Result};
 
 /// Keys of a registered region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +159,107 @@ impl<B: MrBackend> Registrar<B> {
     }
 }
 
+/// How GPU buffers travel on one peer link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Register device memory through its dma-buf (`ibv_reg_dmabuf_mr`): the NIC reads and
+    /// writes GPU memory, no host copy.
+    GpuDirect,
+    /// Copy through pinned host memory (device→host before a send, host→device after a receive).
+    Staged {
+        /// Why not GPUDirect, e.g. `link to server 1 is tcp`.
+        reason: String,
+    },
+}
+
+impl Route {
+    /// Whether GPU buffers go direct.
+    pub fn is_direct(&self) -> bool {
+        matches!(self, Route::GpuDirect)
+    }
+
+    /// Why GPU buffers are staged (`None` for [`Route::GpuDirect`]).
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Route::GpuDirect => None,
+            Route::Staged { reason } => Some(reason),
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Route::GpuDirect => {
+                f.write_str("GPUDirect RDMA (device memory registered through dma-buf)")
+            }
+            Route::Staged { reason } => write!(f, "staged through pinned host memory ({reason})"),
+        }
+    }
+}
+
+/// What the choice of [`select_route`] depends on besides the link. The same for every link of
+/// a process (one GPU per process), so it is probed once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuDirectInputs {
+    /// `Some(setting)` when configuration turned GPUDirect off; `setting` is what the user wrote,
+    /// e.g. `BPS_GPUDIRECT=0`, and is quoted in the reason.
+    pub disabled_by: Option<String>,
+    /// `Ok` when device memory can be exported as a dma-buf, else why not, e.g.
+    /// `cuMemGetHandleForAddressRange: not supported`.
+    pub dmabuf_export: std::result::Result<(), String>,
+    /// `Ok` when the verbs device accepts `ibv_reg_dmabuf_mr` (as far as is known before trying:
+    /// a failure of the first registration is handled by [`Registrar`]), else why not.
+    pub verbs_dmabuf: std::result::Result<(), String>,
+}
+
+/// Chooses how GPU buffers travel on the link to `peer` (a name for messages, e.g. `server 1`)
+/// of kind `link`: [`Route::GpuDirect`] when GPUDirect is not disabled, the link is rdma, device
+/// memory exports as a dma-buf and the verbs device registers dma-bufs; otherwise
+/// [`Route::Staged`] with the first reason that applies, in that order.
+pub fn select_route(peer: &str, link: LinkKind, inputs: &GpuDirectInputs) -> Route {
+    let staged = |reason: String| Route::Staged { reason };
+    if let Some(setting) = &inputs.disabled_by {
+        return staged(format!("GPUDirect RDMA disabled by {setting}"));
+    }
+    if link != LinkKind::Rdma {
+        return staged(format!("link to {peer} is {}", link.name()));
+    }
+    if let Err(why) = &inputs.dmabuf_export {
+        return staged(format!(
+            "device memory cannot be exported as a dma-buf: {why}"
+        ));
+    }
+    if let Err(why) = &inputs.verbs_dmabuf {
+        return staged(format!("the RDMA device cannot register a dma-buf: {why}"));
+    }
+    Route::GpuDirect
+}
+
+/// Whether the running kernel can register dma-bufs with an RDMA device (`ibv_reg_dmabuf_mr`
+/// needs Linux 5.12 or later), from its release string as in `/proc/sys/kernel/osrelease`
+/// (`6.8.0-45-generic`).
+///
+/// # Errors
+/// A kernel older than 5.12, or a release string that does not start with `MAJOR.MINOR`.
+pub fn kernel_dmabuf_support(release: &str) -> std::result::Result<(), String> {
+    let release = release.trim();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<u32>().ok());
+    let (Some(major), Some(minor)) = (number(parts.next()), number(parts.next())) else {
+        return Err(format!(
+            "kernel release {release:?} does not start with MAJOR.MINOR"
+        ));
+    };
+    if (major, minor) >= (5, 12) {
+        Ok(())
+    } else {
+        Err(format!(
+            "Linux {major}.{minor} has no dma-buf memory registration (needs 5.12 or later)"
+        ))
+    }
+}
+
 /// An error for backends that cannot do something.
 pub fn unsupported(what: &str) -> Error {
     Error::Unsupported {
@@ -256,6 +363,108 @@ mod tests {
         let p = unsafe { r.register(Buffer::Host { addr: 64, len: 8 }) }.unwrap();
         assert!(matches!(p, Placement::Host(_)));
         assert_eq!(r.backend().host_calls, 1);
+    }
+
+    fn all_ok() -> GpuDirectInputs {
+        GpuDirectInputs {
+            disabled_by: None,
+            dmabuf_export: Ok(()),
+            verbs_dmabuf: Ok(()),
+        }
+    }
+
+    #[test]
+    fn route_is_direct_when_everything_holds() {
+        let r = select_route("server 1", LinkKind::Rdma, &all_ok());
+        assert_eq!(r, Route::GpuDirect);
+        assert!(r.is_direct());
+        assert_eq!(r.reason(), None);
+        assert!(r.to_string().contains("GPUDirect"), "{r}");
+    }
+
+    #[test]
+    fn route_is_staged_over_every_other_link_kind() {
+        for (kind, name) in [
+            (LinkKind::Tcp, "tcp"),
+            (LinkKind::Shm, "shm"),
+            (LinkKind::Loopback, "loopback"),
+        ] {
+            let r = select_route("server 1", kind, &all_ok());
+            assert_eq!(
+                r,
+                Route::Staged {
+                    reason: format!("link to server 1 is {name}")
+                }
+            );
+            assert!(!r.is_direct());
+        }
+    }
+
+    #[test]
+    fn route_is_staged_when_disabled_even_over_rdma() {
+        let inputs = GpuDirectInputs {
+            disabled_by: Some("BPS_GPUDIRECT=0".into()),
+            ..all_ok()
+        };
+        let r = select_route("server 0", LinkKind::Rdma, &inputs);
+        assert_eq!(
+            r.reason(),
+            Some("GPUDirect RDMA disabled by BPS_GPUDIRECT=0")
+        );
+        // The setting wins over the link: it is what the user asked for.
+        let r = select_route("server 0", LinkKind::Tcp, &inputs);
+        assert!(r.reason().unwrap().contains("BPS_GPUDIRECT=0"), "{r}");
+    }
+
+    #[test]
+    fn route_is_staged_when_device_memory_does_not_export() {
+        let inputs = GpuDirectInputs {
+            dmabuf_export: Err("cuMemGetHandleForAddressRange: not supported".into()),
+            verbs_dmabuf: Err("never reached".into()),
+            ..all_ok()
+        };
+        let r = select_route("server 2", LinkKind::Rdma, &inputs);
+        assert_eq!(
+            r.reason(),
+            Some(
+                "device memory cannot be exported as a dma-buf: \
+                 cuMemGetHandleForAddressRange: not supported"
+            )
+        );
+        assert!(r
+            .to_string()
+            .starts_with("staged through pinned host memory"));
+    }
+
+    #[test]
+    fn route_is_staged_when_the_nic_cannot_register_dmabufs() {
+        let inputs = GpuDirectInputs {
+            verbs_dmabuf: Err("Linux 5.4 has no dma-buf memory registration".into()),
+            ..all_ok()
+        };
+        let r = select_route("server 3", LinkKind::Rdma, &inputs);
+        assert_eq!(
+            r.reason(),
+            Some(
+                "the RDMA device cannot register a dma-buf: \
+                 Linux 5.4 has no dma-buf memory registration"
+            )
+        );
+    }
+
+    #[test]
+    fn kernel_release_gate() {
+        assert!(kernel_dmabuf_support("6.8.0-45-generic\n").is_ok());
+        assert!(kernel_dmabuf_support("5.12.0").is_ok());
+        assert!(kernel_dmabuf_support("5.15.167.4-microsoft-standard-WSL2").is_ok());
+        assert!(kernel_dmabuf_support("10.0").is_ok());
+        let old = kernel_dmabuf_support("5.11.22-100.fc32.x86_64").unwrap_err();
+        assert!(old.contains("5.11") && old.contains("5.12"), "{old}");
+        assert!(kernel_dmabuf_support("4.18.0-553.el8_10.x86_64").is_err());
+        for bad in ["", "linux", "6", ".6.8", "6.x"] {
+            let e = kernel_dmabuf_support(bad).unwrap_err();
+            assert!(e.contains("kernel release"), "{bad:?}: {e}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 /*
  * A worker written in C against bps.h, run as a 2-worker job by tests/c_program.rs (any
- * number of workers works): push_pull of rank+1, broadcast from root 1, argument checks.
+ * number of workers works): push_pull of rank+1, broadcast from root 1, the GPU calls
+ * (BPS_ERR_UNSUPPORTED on a machine without a usable GPU), argument checks.
  * Prints "c-abi ok" and exits 0 on success; prints the failure and exits 1 otherwise.
  */
 #include <stdio.h>
@@ -94,6 +95,63 @@ int main(void) {
         rc = bps_broadcast_async("c.bcast", BPS_INT32, buf, sizeof buf, size, 0, &h);
         CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "root = size gave %d", rc);
     }
+
+    /* GPU memory. Without a usable GPU (or in a build without CUDA) the device calls return
+     * BPS_ERR_UNSUPPORTED with the reason and no handle, and never touch the pointer; with a
+     * GPU they are not run here (this program has only host memory). */
+    int cuda = bps_cuda_compiled();
+    CHECK(cuda == 0 || cuda == 1, "bps_cuda_compiled returned %d", cuda);
+    int ngpu = bps_gpu_count();
+    if (ngpu > 0) {
+        printf("c-abi: %d GPU(s) visible, device calls not run on host memory\n", ngpu);
+    } else {
+        CHECK(ngpu == BPS_ERR_UNSUPPORTED, "bps_gpu_count returned %d", ngpu);
+        static const char prefix[] = "bps_gpu_count: no usable GPU: ";
+        CHECK(strncmp(bps_last_error(), prefix, sizeof prefix - 1) == 0, "bps_gpu_count message");
+        char reason[512];
+        snprintf(reason, sizeof reason, "%s", bps_last_error() + sizeof prefix - 1);
+        CHECK(strlen(reason) > 10, "bps_gpu_count gives no reason");
+        printf("c-abi: cuda compiled %d, %s\n", cuda, bps_last_error());
+        h = (bps_handle_t *)&rc;
+        rc = bps_push_pull_device("c.gpu", in, 0, N * sizeof(float), BPS_FLOAT32, NULL, 1, 0, &h);
+        CHECK(rc == BPS_ERR_UNSUPPORTED, "bps_push_pull_device without a GPU gave %d", rc);
+        CHECK(h == NULL, "handle_out not cleared");
+        const char *why = bps_last_error();
+        CHECK(strncmp(why, "bps_push_pull_device: unsupported: ", 35) == 0 && strlen(why) > 40,
+              "message does not say why");
+        if (cuda) {
+            /* the same reason as bps_gpu_count's, e.g. no driver on this machine */
+            CHECK(strstr(why, reason) != NULL, "message lacks the reason \"%s\"", reason);
+        } else {
+            CHECK(strstr(why, "cuda") != NULL, "message does not say the build lacks CUDA");
+        }
+        printf("c-abi: %s\n", why);
+        rc = bps_broadcast_device("c.gpu.bcast", in, 0, N * sizeof(float), BPS_FLOAT32, NULL, 0,
+                                  0, &h);
+        CHECK(rc == BPS_ERR_UNSUPPORTED && h == NULL, "bps_broadcast_device gave %d", rc);
+        for (int i = 0; i < N; i++) {
+            CHECK(in[i] == expected / (float)size, "device call changed in[%d]", i);
+        }
+    }
+    /* Argument checks come first, GPU or not: nothing is touched. */
+    rc = bps_push_pull_device("c.gpu", NULL, 0, 64, BPS_FLOAT32, NULL, 0, 0, &h);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "null dev_ptr gave %d", rc);
+    CHECK(strstr(bps_last_error(), "dev_ptr") != NULL, "message does not name dev_ptr");
+    rc = bps_push_pull_device("c.gpu", in, -1, 64, BPS_FLOAT32, NULL, 0, 0, &h);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "device_id -1 gave %d", rc);
+    CHECK(strstr(bps_last_error(), "device_id") != NULL, "message does not name device_id");
+    rc = bps_push_pull_device("c.gpu", in, 0, 64, 77, NULL, 0, 0, &h);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "dtype 77 gave %d", rc);
+    CHECK(strstr(bps_last_error(), "dtype") != NULL, "message does not name dtype");
+    rc = bps_push_pull_device("c.gpu", in, 0, 64, BPS_FLOAT32, NULL, 0, 0, NULL);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT, "null handle_out gave %d", rc);
+    CHECK(strstr(bps_last_error(), "handle_out") != NULL, "message does not name handle_out");
+    rc = bps_broadcast_device(NULL, in, 0, 64, BPS_FLOAT32, NULL, 0, 0, &h);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "null name gave %d", rc);
+    CHECK(strstr(bps_last_error(), "name") != NULL, "message does not name name");
+    rc = bps_broadcast_device("c.gpu.bcast", in, 0, 64, BPS_FLOAT32, NULL, -1, 0, &h);
+    CHECK(rc == BPS_ERR_INVALID_ARGUMENT && h == NULL, "root -1 gave %d", rc);
+    CHECK(strstr(bps_last_error(), "root") != NULL, "message does not name root");
 
     /* Bad arguments: an error code, a message naming the argument, no handle. */
     h = (bps_handle_t *)&rc;
