@@ -324,6 +324,7 @@ fn start(cfg: Config) -> Result<Inner> {
     ));
     let mut reader_stream = stream.try_clone().map_err(|e| rv(e.to_string()))?;
     let reader_tx = tx.clone();
+    let reader_gpu = gpu_tx.clone();
     let reader_waker = waker.clone();
     let reader_timeout = cfg.timeout;
     let reader = std::thread::Builder::new()
@@ -331,6 +332,10 @@ fn start(cfg: Config) -> Result<Inner> {
         .spawn(move || loop {
             match read_msg(&mut reader_stream) {
                 Ok(Msg::Heartbeat) => {}
+                Ok(m @ (Msg::GpuGo { .. } | Msg::GpuId { .. })) => {
+                    // Straight to the GPU engine: its go-aheads are on the critical path.
+                    let _ = reader_gpu.send(crate::node::GpuMsg::Sched(m));
+                }
                 Ok(m) => {
                     let end = matches!(m, Msg::Terminate);
                     if reader_tx.send(Command::Sched(m)).is_err() {

@@ -648,8 +648,9 @@ impl Engine {
 
     fn fail(&mut self, id: u64, err: Error) {
         if let Some(o) = self.ops.remove(&id) {
-            for (_, e) in &o.d2h {
+            for (ci, e) in &o.d2h {
                 self.events.push(*e);
+                self.stage_out.release(o.chunks[*ci as usize].len as u64);
             }
             // The staging buffer may still be written by a late answer if the host op did not
             // fail: it is not reused (leaked to the pool only when the host op is finished).
@@ -1288,6 +1289,334 @@ impl Engine {
             let ids: Vec<u64> = self.ops.keys().copied().collect();
             for id in ids {
                 self.fail(id, e.clone());
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------- staging benchmark
+
+/// Copy bandwidths of the staging path against plain pinned copies, in GB/s.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StagingFigures {
+    /// One device → pinned host copy of the whole buffer.
+    pub plain_d2h: f64,
+    /// One pinned host → device copy of the whole buffer.
+    pub plain_h2d: f64,
+    /// STAGE_OUT as the engine does it: chunk by chunk on its copy stream, an event per chunk,
+    /// into a pooled pinned buffer.
+    pub staged_d2h: f64,
+    /// STAGE_IN as the engine does it.
+    pub staged_h2d: f64,
+    /// Both directions at once on their two streams (the engine overlaps them), per direction.
+    pub staged_both: f64,
+}
+
+/// Measure the staging path on `device` with `bytes` bytes cut into `chunk` byte chunks
+/// (`reps` repetitions each; the best is kept, as bandwidth tools do).
+///
+/// # Errors
+/// No usable GPU, or a CUDA call failing.
+pub fn staging_bandwidth(
+    device: i32,
+    bytes: usize,
+    chunk: usize,
+    reps: u32,
+) -> Result<StagingFigures, String> {
+    let gpus = probe()?;
+    if device < 0 || device as usize >= gpus.len() {
+        return Err(format!(
+            "device {device} does not exist ({} GPUs)",
+            gpus.len()
+        ));
+    }
+    if bytes == 0 || chunk == 0 {
+        return Err("bytes and chunk must be positive".into());
+    }
+    let mut dev = 0;
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: probe() initialised the driver; valid out-pointers; an existing ordinal.
+    check(unsafe { cu::cuDeviceGet(&mut dev, device) }, "cuDeviceGet")?;
+    check(
+        // SAFETY: valid out-pointer.
+        unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+        "cuDevicePrimaryCtxRetain",
+    )?;
+    // SAFETY: the retained primary context.
+    check(unsafe { cu::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")?;
+    let mut d = 0;
+    // SAFETY: valid out-pointer; context current.
+    check(unsafe { cu::cuMemAlloc_v2(&mut d, bytes) }, "cuMemAlloc")?;
+    let mut pool = PinnedPool {
+        free: HashMap::new(),
+        all: Vec::new(),
+    };
+    let result = (|| -> Result<StagingFigures, String> {
+        let host = pool.get(bytes)?;
+        let host2 = pool.get(bytes)?;
+        let mut d2 = 0;
+        // SAFETY: valid out-pointer; context current.
+        check(unsafe { cu::cuMemAlloc_v2(&mut d2, bytes) }, "cuMemAlloc")?;
+        let mut streams = [std::ptr::null_mut(); 2];
+        for s in streams.iter_mut() {
+            check(
+                // SAFETY: valid out-pointer; context current.
+                unsafe { cu::cuStreamCreate(s, cu::CUstream_flags::CU_STREAM_NON_BLOCKING as u32) },
+                "cuStreamCreate",
+            )?;
+        }
+        let (s0, s1) = (streams[0], streams[1]);
+        let mut events: Vec<cu::CUevent> = Vec::new();
+        let time = |f: &mut dyn FnMut() -> Result<(), String>| -> Result<f64, String> {
+            let mut best = f64::MAX;
+            for _ in 0..reps.max(1) {
+                let t = Instant::now();
+                f()?;
+                for s in [s0, s1] {
+                    // SAFETY: live streams.
+                    check(unsafe { cu::cuStreamSynchronize(s) }, "cuStreamSynchronize")?;
+                }
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            Ok(best)
+        };
+        let gbs = |secs: f64| bytes as f64 / secs / 1e9;
+        let plain_d2h = gbs(time(&mut || {
+            check(
+                // SAFETY: both buffers hold `bytes` bytes.
+                unsafe { cu::cuMemcpyDtoHAsync_v2(host.addr as *mut c_void, d, bytes, s0) },
+                "cuMemcpyDtoHAsync",
+            )
+        })?);
+        let plain_h2d = gbs(time(&mut || {
+            check(
+                // SAFETY: both buffers hold `bytes` bytes.
+                unsafe { cu::cuMemcpyHtoDAsync_v2(d, host.addr as *const c_void, bytes, s0) },
+                "cuMemcpyHtoDAsync",
+            )
+        })?);
+        let chunked = |dir: u8, ev: &mut Vec<cu::CUevent>| -> Result<(), String> {
+            let mut off = 0;
+            while off < bytes {
+                let len = chunk.min(bytes - off);
+                // SAFETY: every chunk lies inside the buffers of `bytes` bytes.
+                let r = unsafe {
+                    match dir {
+                        0 => cu::cuMemcpyDtoHAsync_v2(
+                            (host.addr + off) as *mut c_void,
+                            d + off as u64,
+                            len,
+                            s0,
+                        ),
+                        1 => cu::cuMemcpyHtoDAsync_v2(
+                            d + off as u64,
+                            (host.addr + off) as *const c_void,
+                            len,
+                            s1,
+                        ),
+                        _ => {
+                            let a = cu::cuMemcpyDtoHAsync_v2(
+                                (host.addr + off) as *mut c_void,
+                                d + off as u64,
+                                len,
+                                s0,
+                            );
+                            if a != cu::CUresult::CUDA_SUCCESS {
+                                a
+                            } else {
+                                cu::cuMemcpyHtoDAsync_v2(
+                                    d2 + off as u64,
+                                    (host2.addr + off) as *const c_void,
+                                    len,
+                                    s1,
+                                )
+                            }
+                        }
+                    }
+                };
+                check(r, "chunk copy")?;
+                let mut e = std::ptr::null_mut();
+                check(
+                    // SAFETY: valid out-pointer; context current.
+                    unsafe {
+                        cu::cuEventCreate(&mut e, cu::CUevent_flags::CU_EVENT_DISABLE_TIMING as u32)
+                    },
+                    "cuEventCreate",
+                )?;
+                check(
+                    // SAFETY: live event and stream.
+                    unsafe { cu::cuEventRecord(e, if dir == 1 { s1 } else { s0 }) },
+                    "cuEventRecord",
+                )?;
+                ev.push(e);
+                off += len;
+            }
+            Ok(())
+        };
+        let staged_d2h = gbs(time(&mut || chunked(0, &mut events))?);
+        let staged_h2d = gbs(time(&mut || chunked(1, &mut events))?);
+        let staged_both = gbs(time(&mut || chunked(2, &mut events))?);
+        for e in events {
+            // SAFETY: events created above; their streams were synchronised.
+            unsafe {
+                cu::cuEventDestroy_v2(e);
+            }
+        }
+        for s in streams {
+            // SAFETY: streams created above, idle.
+            unsafe {
+                cu::cuStreamDestroy_v2(s);
+            }
+        }
+        // SAFETY: allocated above, idle.
+        unsafe {
+            cu::cuMemFree_v2(d2);
+        }
+        Ok(StagingFigures {
+            plain_d2h,
+            plain_h2d,
+            staged_d2h,
+            staged_h2d,
+            staged_both,
+        })
+    })();
+    // SAFETY: allocated above; every stream using it was synchronised.
+    unsafe {
+        cu::cuMemFree_v2(d);
+    }
+    result
+}
+
+// ---------------------------------------------------------------- device memory for tools
+
+/// A device allocation for tools and tests (benchmarks fill and read tensors with it).
+#[derive(Debug)]
+pub struct DeviceMem {
+    ptr: u64,
+    bytes: usize,
+    device: i32,
+}
+
+/// Make the primary context of `device` current on the calling thread.
+fn make_current(device: i32) -> Result<(), String> {
+    let gpus = probe()?;
+    if device < 0 || device as usize >= gpus.len() {
+        return Err(format!(
+            "device {device} does not exist ({} GPUs)",
+            gpus.len()
+        ));
+    }
+    let mut dev = 0;
+    let mut ctx = std::ptr::null_mut();
+    // SAFETY: probe() initialised the driver; valid out-pointer; an existing ordinal.
+    check(unsafe { cu::cuDeviceGet(&mut dev, device) }, "cuDeviceGet")?;
+    check(
+        // SAFETY: valid out-pointer.
+        unsafe { cu::cuDevicePrimaryCtxRetain(&mut ctx, dev) },
+        "cuDevicePrimaryCtxRetain",
+    )?;
+    // SAFETY: the retained primary context.
+    check(unsafe { cu::cuCtxSetCurrent(ctx) }, "cuCtxSetCurrent")
+}
+
+impl DeviceMem {
+    /// Allocate `bytes` bytes on `device` (its primary context becomes current on this
+    /// thread).
+    ///
+    /// # Errors
+    /// No such GPU, out of memory.
+    pub fn alloc(device: i32, bytes: usize) -> Result<DeviceMem, String> {
+        make_current(device)?;
+        let mut p = 0;
+        check(
+            // SAFETY: valid out-pointer; context current.
+            unsafe { cu::cuMemAlloc_v2(&mut p, bytes.max(1)) },
+            "cuMemAlloc",
+        )?;
+        Ok(DeviceMem {
+            ptr: p,
+            bytes,
+            device,
+        })
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The whole allocation as a tensor of `dtype` (produced on the legacy default stream).
+    pub fn buf(&self, dtype: DType) -> DeviceBuf {
+        DeviceBuf {
+            ptr: self.ptr,
+            device: self.device,
+            bytes: self.bytes,
+            dtype,
+            stream: 0,
+        }
+    }
+
+    /// Copy `src` to the start of the allocation (synchronously).
+    ///
+    /// # Errors
+    /// `src` longer than the allocation; a CUDA failure.
+    pub fn upload(&self, src: &[u8]) -> Result<(), String> {
+        if src.len() > self.bytes {
+            return Err(format!(
+                "upload of {} bytes into {} bytes",
+                src.len(),
+                self.bytes
+            ));
+        }
+        make_current(self.device)?;
+        check(
+            // SAFETY: the allocation holds at least src.len() bytes; synchronous copy.
+            unsafe { cu::cuMemcpyHtoD_v2(self.ptr, src.as_ptr() as *const c_void, src.len()) },
+            "cuMemcpyHtoD",
+        )
+    }
+
+    /// Copy the start of the allocation into `dst` (synchronously, after all work on the
+    /// device).
+    ///
+    /// # Errors
+    /// `dst` longer than the allocation; a CUDA failure.
+    pub fn download(&self, dst: &mut [u8]) -> Result<(), String> {
+        if dst.len() > self.bytes {
+            return Err(format!(
+                "download of {} bytes from {} bytes",
+                dst.len(),
+                self.bytes
+            ));
+        }
+        make_current(self.device)?;
+        // SAFETY: context current.
+        check(unsafe { cu::cuCtxSynchronize() }, "cuCtxSynchronize")?;
+        check(
+            // SAFETY: the allocation holds at least dst.len() bytes; synchronous copy.
+            unsafe { cu::cuMemcpyDtoH_v2(dst.as_mut_ptr() as *mut c_void, self.ptr, dst.len()) },
+            "cuMemcpyDtoH",
+        )
+    }
+}
+
+impl Drop for DeviceMem {
+    fn drop(&mut self) {
+        if make_current(self.device).is_ok() {
+            // SAFETY: allocated by alloc(); the owner finished every use (operations on it
+            // completed before the owner dropped it).
+            unsafe {
+                cu::cuMemFree_v2(self.ptr);
             }
         }
     }

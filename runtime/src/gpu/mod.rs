@@ -22,7 +22,9 @@ use crate::dtype::DType;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::{nccl_version, probe};
+pub mod dmabuf;
+#[cfg(feature = "cuda")]
+pub use cuda::{nccl_version, probe, staging_bandwidth, DeviceMem, StagingFigures};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{GpuEngine, GpuOp, Links, Shape};
 
