@@ -1020,6 +1020,10 @@ impl Bps {
         {
             let _ = h.join();
         }
+        #[cfg(feature = "cuda")]
+        if let Some(Ok(g)) = self.inner.gpu.get() {
+            g.stop();
+        }
         let _ = self.inner.sched_stream.shutdown(std::net::Shutdown::Both);
         if let Some(h) = self
             .inner
@@ -1046,6 +1050,10 @@ impl Bps {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(Ok(g)) = self.gpu.get() {
+            g.stop();
+        }
         if !self.down.swap(true, Ordering::AcqRel) {
             let (tx, _rx) = crossbeam_channel::bounded(1);
             let _ = self.cmds.send(Command::Shutdown(tx));

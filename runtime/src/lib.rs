@@ -10,6 +10,7 @@ pub mod node;
 pub mod proto;
 pub mod sched;
 pub mod sum;
+pub mod topo;
 pub use api::{init, run_server, Bps, Element, Handle, Pending, PendingInto, PushPullOpts};
 pub use bps_transport::auth::Secret;
 pub use config::{Config, Role};

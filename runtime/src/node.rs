@@ -1128,8 +1128,14 @@ impl Node {
                 token,
                 offset,
             } => {
-                if self.local_reduce && scope == SCOPE_GLOBAL {
-                    // Answer to this host's aggregator of the key.
+                let gpu_key = self
+                    .worker
+                    .as_ref()
+                    .and_then(|w| w.tensors.get(&Key(key).tensor().0))
+                    .is_some_and(|t| t.gpu);
+                if self.local_reduce && scope == SCOPE_GLOBAL && !gpu_key {
+                    // Answer to this host's aggregator of the key (a GPU tensor's chunks go
+                    // to their servers straight from the worker).
                     self.on_upstream_ack(key, server_slot, token, offset);
                     return;
                 }

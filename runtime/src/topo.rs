@@ -90,7 +90,8 @@ pub struct Gpu {
     pub name: String,
     /// PCI bus id as sysfs writes it (`0000:1b:00.0`); empty when unknown.
     pub pci_bus_id: String,
-    /// The NUMA node nearest (from sysfs, else NVML).
+    /// The NUMA node nearest (from sysfs, else NVML, else the node holding
+    /// [`Gpu::cpu_affinity`]).
     pub numa_node: Option<usize>,
     /// The CPUs nearest, as NVML reports them (empty when unknown).
     pub cpu_affinity: Vec<usize>,
@@ -201,7 +202,7 @@ pub struct Nic {
     pub name: String,
     /// The PCI function it sits on (`0000:17:00.0`).
     pub pci_addr: Option<String>,
-    /// Its NUMA node.
+    /// Its NUMA node (from sysfs, else the node holding [`Nic::local_cpus`]).
     pub numa_node: Option<usize>,
     /// The CPUs nearest (`local_cpulist`).
     pub local_cpus: Vec<usize>,
@@ -234,7 +235,48 @@ impl Topology {
         t.read_cpus(opts);
         t.nics = scan_nics(&opts.sysfs, &mut t.notes);
         t.read_gpus(opts);
+        t.infer_numa();
         t
+    }
+
+    /// Gives GPUs and NICs whose NUMA node is unknown (`numa_node` of -1, common in virtual
+    /// machines) the node holding their nearest CPUs, as `nvidia-smi topo -m` does.
+    fn infer_numa(&mut self) {
+        for i in 0..self.gpus.len() {
+            if self.gpus[i].numa_node.is_none() {
+                self.gpus[i].numa_node = self.numa_of_cpus(&self.gpus[i].cpu_affinity);
+            }
+        }
+        for i in 0..self.nics.len() {
+            if self.nics[i].numa_node.is_none() {
+                self.nics[i].numa_node = self.numa_of_cpus(&self.nics[i].local_cpus);
+            }
+        }
+    }
+
+    /// The NUMA node sharing the most of `cpus`; `None` for no CPUs, no overlap or a tie.
+    pub fn numa_of_cpus(&self, cpus: &[usize]) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None; // (overlap, node)
+        let mut tie = false;
+        for n in &self.numa_nodes {
+            let overlap = cpus.iter().filter(|c| n.cpus.contains(c)).count();
+            if overlap == 0 {
+                continue;
+            }
+            match best {
+                Some((b, _)) if overlap < b => {}
+                Some((b, _)) if overlap == b => tie = true,
+                _ => {
+                    best = Some((overlap, n.id));
+                    tie = false;
+                }
+            }
+        }
+        if tie {
+            None
+        } else {
+            best.map(|(_, id)| id)
+        }
     }
 
     fn read_cpus(&mut self, opts: &DetectOptions) {
@@ -373,12 +415,7 @@ impl Topology {
 
     /// How GPU `gpu` reaches NIC `nic` over PCIe, as `nvidia-smi topo -m` says it.
     pub fn gpu_nic_level(&self, gpu: &Gpu, nic: &Nic) -> PcieLevel {
-        pci_level(
-            &gpu.pci_path,
-            gpu.numa_node,
-            &nic.pci_path,
-            nic.numa_node,
-        )
+        pci_level(&gpu.pci_path, gpu.numa_node, &nic.pci_path, nic.numa_node)
     }
 
     /// The GPUs GPU `gpu` shares active NVLinks with, and how many: links going straight to a
@@ -439,10 +476,7 @@ impl fmt::Display for Topology {
                 )?;
                 let links = self.nvlink_peers(g.index);
                 if !links.is_empty() {
-                    let l: Vec<String> = links
-                        .iter()
-                        .map(|(p, n)| format!("GPU{p}x{n}"))
-                        .collect();
+                    let l: Vec<String> = links.iter().map(|(p, n)| format!("GPU{p}x{n}")).collect();
                     write!(f, "  nvlink {}", l.join(" "))?;
                 }
                 if let Some(n) = self.nearest_nic(g.index) {
@@ -630,13 +664,16 @@ pub fn format_cpulist(cpus: &[usize]) -> String {
     parts.join(",")
 }
 
-/// The CPUs set in an affinity bit mask of 64-bit words (bit `c % 64` of word `c / 64`).
-pub fn mask_to_cpus(words: &[u64]) -> Vec<usize> {
+/// The CPUs set in an affinity bit mask of words (bit `c % W` of word `c / W`, `W` the word's
+/// width in bits: 64 for `u64`, that of `c_ulong` for NVML and `cpu_set_t`).
+pub fn mask_to_cpus<W: Copy + Into<u64>>(words: &[W]) -> Vec<usize> {
+    let width = std::mem::size_of::<W>() * 8;
     let mut out = Vec::new();
-    for (w, bits) in words.iter().enumerate() {
-        for b in 0..64 {
+    for (w, &bits) in words.iter().enumerate() {
+        let bits: u64 = bits.into();
+        for b in 0..width.min(64) {
             if bits & (1u64 << b) != 0 {
-                out.push(w * 64 + b);
+                out.push(w * width + b);
             }
         }
     }
@@ -666,13 +703,8 @@ pub fn pin_current_thread(cpus: &[usize]) -> Result<(), String> {
     // SAFETY: `mask` is an initialised buffer of `words * 8` bytes, as passed; pid 0 names the
     // calling thread; the kernel only reads the mask. `cpu_set_t` is a plain array of 64-bit
     // words, so the cast pointer is suitably aligned.
-    let rc = unsafe {
-        libc::sched_setaffinity(
-            0,
-            words * 8,
-            mask.as_ptr().cast::<libc::cpu_set_t>(),
-        )
-    };
+    let rc =
+        unsafe { libc::sched_setaffinity(0, words * 8, mask.as_ptr().cast::<libc::cpu_set_t>()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -812,7 +844,9 @@ fn is_bdf(name: &str) -> bool {
 fn is_pci_root(name: &str) -> bool {
     name.strip_prefix("pci")
         .and_then(|r| r.split_once(':'))
-        .is_some_and(|(d, b)| d.len() >= 4 && d.bytes().all(|c| c.is_ascii_hexdigit()) && is_hex(b, 2))
+        .is_some_and(|(d, b)| {
+            d.len() >= 4 && d.bytes().all(|c| c.is_ascii_hexdigit()) && is_hex(b, 2)
+        })
 }
 
 /// The PCI function directory a sysfs device path sits on (the path itself or its nearest
@@ -839,7 +873,12 @@ fn common_pci_depth(a: &[String], b: &[String]) -> usize {
 }
 
 /// The PCIe level between two devices from their PCI paths (as `nvidia-smi topo -m` names it).
-fn pci_level(a: &[String], a_numa: Option<usize>, b: &[String], b_numa: Option<usize>) -> PcieLevel {
+fn pci_level(
+    a: &[String],
+    a_numa: Option<usize>,
+    b: &[String],
+    b_numa: Option<usize>,
+) -> PcieLevel {
     let common = common_pci_depth(a, b);
     if common == 0 {
         if a_numa.is_some() && a_numa == b_numa {
@@ -885,10 +924,7 @@ fn read_cpulist_file(path: &Path, notes: &mut Vec<String>) -> Vec<usize> {
 }
 
 /// What sysfs says about a PCI function: NUMA node, local CPUs, PCI path.
-fn pci_locality(
-    dir: &Path,
-    notes: &mut Vec<String>,
-) -> (Option<usize>, Vec<usize>, Vec<String>) {
+fn pci_locality(dir: &Path, notes: &mut Vec<String>) -> (Option<usize>, Vec<usize>, Vec<String>) {
     (
         read_numa_file(&dir.join("numa_node"), notes),
         read_cpulist_file(&dir.join("local_cpulist"), notes),
@@ -966,8 +1002,11 @@ fn file_name(p: &Path) -> Option<String> {
     p.file_name()?.to_str().map(str::to_string)
 }
 
+/// NUMA nodes, the online CPUs, and notes about what could not be read.
+type SysfsCpus = (Vec<NumaNode>, Vec<usize>, Vec<String>);
+
 /// NUMA nodes, online CPUs and notes from `sys/devices/system`.
-fn sysfs_numa(sys: &Path) -> Result<(Vec<NumaNode>, Vec<usize>, Vec<String>), String> {
+fn sysfs_numa(sys: &Path) -> Result<SysfsCpus, String> {
     let mut notes = Vec::new();
     let online_file = sys.join("devices/system/cpu/online");
     let mut online = match std::fs::read_to_string(&online_file) {
@@ -976,7 +1015,10 @@ fn sysfs_numa(sys: &Path) -> Result<(Vec<NumaNode>, Vec<usize>, Vec<String>), St
     };
     let mut nodes = Vec::new();
     for (name, path) in sorted_entries(&sys.join("devices/system/node")) {
-        let Some(id) = name.strip_prefix("node").and_then(|n| n.parse::<usize>().ok()) else {
+        let Some(id) = name
+            .strip_prefix("node")
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
             continue;
         };
         let cpus = read_cpulist_file(&path.join("cpulist"), &mut notes);
@@ -1019,7 +1061,13 @@ fn sysfs_numa(sys: &Path) -> Result<(Vec<NumaNode>, Vec<usize>, Vec<String>), St
 /// `MemTotal` of a node's `meminfo` (`Node 0 MemTotal:  24684092 kB`), in bytes.
 fn node_mem_total(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.contains("MemTotal:"))?;
-    let kb: u64 = line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()?;
+    let kb: u64 = line
+        .split(':')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
     kb.checked_mul(1024)
 }
 
@@ -1034,7 +1082,10 @@ fn hwloc_numa() -> Result<(Vec<NumaNode>, Vec<usize>), String> {
         if s.last_set().is_none() {
             return Vec::new(); // empty or infinite: nothing usable
         }
-        s.iter_set().map(usize::from).filter(|&c| c < MAX_CPUS).collect()
+        s.iter_set()
+            .map(usize::from)
+            .filter(|&c| c < MAX_CPUS)
+            .collect()
     };
     let mut nodes = Vec::new();
     for obj in topo.objects_with_type(ObjectType::NUMANode) {
@@ -1062,15 +1113,13 @@ mod nvml {
     use std::path::Path;
     use std::sync::mpsc;
 
-    use nvml_wrapper::enum_wrappers::device::{
-        P2pCapabilitiesIndex, P2pStatus, TopologyLevel,
-    };
+    use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus, TopologyLevel};
     use nvml_wrapper::error::NvmlError;
     use nvml_wrapper::Nvml;
 
     use super::{
-        mask_to_cpus, normalize_bus_id, pci_dir_of, pci_locality, DetectOptions, Gpu, GpuPeer,
-        P2p, PcieLevel, MAX_NVLINKS,
+        mask_to_cpus, normalize_bus_id, pci_dir_of, pci_locality, DetectOptions, Gpu, GpuPeer, P2p,
+        PcieLevel, MAX_NVLINKS,
     };
 
     pub(super) struct Report {
@@ -1167,7 +1216,11 @@ mod nvml {
             .sys_driver_version()
             .unwrap_or_else(|_| "unknown".into());
         let source = match nvml.sys_cuda_driver_version() {
-            Ok(v) => format!("NVML (driver {driver}, CUDA {}.{})", v / 1000, v % 1000 / 10),
+            Ok(v) => format!(
+                "NVML (driver {driver}, CUDA {}.{})",
+                v / 1000,
+                v % 1000 / 10
+            ),
             Err(_) => format!("NVML (driver {driver})"),
         };
         let count = nvml
@@ -1216,7 +1269,7 @@ mod nvml {
                     .and_then(|n| usize::try_from(n).ok())
             });
             let cpu_affinity = match dev.cpu_affinity(words) {
-                Ok(m) => mask_to_cpus(&m.iter().map(|&w| w as u64).collect::<Vec<_>>()),
+                Ok(m) => mask_to_cpus(&m),
                 Err(e) => {
                     notes.push(format!("GPU{i}: CPU affinity: {e}"));
                     Vec::new()
@@ -1390,7 +1443,10 @@ mod tests {
 
     #[test]
     fn cpulists_parse() {
-        assert_eq!(parse_cpulist("0-3,8-11").unwrap(), [0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!(
+            parse_cpulist("0-3,8-11").unwrap(),
+            [0, 1, 2, 3, 8, 9, 10, 11]
+        );
         assert_eq!(parse_cpulist("5\n").unwrap(), [5]);
         assert_eq!(parse_cpulist("").unwrap(), Vec::<usize>::new());
         assert_eq!(parse_cpulist(" \n").unwrap(), Vec::<usize>::new());
@@ -1398,7 +1454,10 @@ mod tests {
         assert_eq!(parse_cpulist("0 - 1, 3").unwrap(), [0, 1, 3]);
         for bad in ["a", "0-", "-3", "3-1", "0,,1", "1-2-3", "99999999"] {
             let e = parse_cpulist(bad).unwrap_err();
-            assert!(e.contains("cpu list") && e.contains(&format!("{bad:?}")), "{bad}: {e}");
+            assert!(
+                e.contains("cpu list") && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
         }
         assert!(parse_cpulist("3-1").unwrap_err().contains("backwards"));
         assert!(parse_cpulist("0-70000").unwrap_err().contains("beyond"));
@@ -1417,9 +1476,10 @@ mod tests {
 
     #[test]
     fn affinity_masks() {
-        assert_eq!(mask_to_cpus(&[0b1011]), [0, 1, 3]);
-        assert_eq!(mask_to_cpus(&[0, 1 << 63, 1]), [127, 128]);
-        assert_eq!(mask_to_cpus(&[]), Vec::<usize>::new());
+        assert_eq!(mask_to_cpus(&[0b1011u64]), [0, 1, 3]);
+        assert_eq!(mask_to_cpus(&[0, 1u64 << 63, 1]), [127, 128]);
+        assert_eq!(mask_to_cpus::<u64>(&[]), Vec::<usize>::new());
+        assert_eq!(mask_to_cpus(&[0u32, 1 << 31, 1]), [63, 64]);
     }
 
     #[test]
@@ -1458,7 +1518,13 @@ mod tests {
         assert_eq!(m0.netdevs, ["ib0"]);
         assert_eq!(
             m0.pci_path,
-            ["pci0000:00", "0000:00:01.0", "0000:01:00.0", "0000:02:01.0", "0000:04:00.0"]
+            [
+                "pci0000:00",
+                "0000:00:01.0",
+                "0000:01:00.0",
+                "0000:02:01.0",
+                "0000:04:00.0"
+            ]
         );
         assert_eq!(topo.nics[1].numa_node, Some(1));
         let eth = &topo.nics[2];
@@ -1477,7 +1543,11 @@ mod tests {
         let topo = Topology::detect_with(&opts(&t.0));
         assert_eq!(topo.numa_nodes.len(), 1);
         assert_eq!(topo.numa_nodes[0].cpus, [0, 1, 2, 3]);
-        assert!(topo.notes.iter().any(|n| n.contains("one node")), "{:?}", topo.notes);
+        assert!(
+            topo.notes.iter().any(|n| n.contains("one node")),
+            "{:?}",
+            topo.notes
+        );
         assert!(topo.nics.is_empty());
     }
 
@@ -1490,12 +1560,16 @@ mod tests {
         t.link("class/net/eth0/device", "devices/pci0000:00/0000:00:02.0");
         let topo = Topology::detect_with(&opts(&t.0));
         assert!(
-            topo.notes.iter().any(|n| n.contains("cpulist") && n.contains("zero-three")),
+            topo.notes
+                .iter()
+                .any(|n| n.contains("cpulist") && n.contains("zero-three")),
             "{:?}",
             topo.notes
         );
         assert!(
-            topo.notes.iter().any(|n| n.contains("numa_node") && n.contains("banana")),
+            topo.notes
+                .iter()
+                .any(|n| n.contains("numa_node") && n.contains("banana")),
             "{:?}",
             topo.notes
         );
@@ -1503,7 +1577,11 @@ mod tests {
         let t2 = TempDir::new("bad-online");
         t2.write("devices/system/cpu/online", "0-x");
         let topo = Topology::detect_with(&opts(&t2.0));
-        assert!(topo.notes.iter().any(|n| n.contains("cpu/online")), "{:?}", topo.notes);
+        assert!(
+            topo.notes.iter().any(|n| n.contains("cpu/online")),
+            "{:?}",
+            topo.notes
+        );
         assert!(!topo.online_cpus.is_empty() && topo.numa_nodes.len() == 1);
     }
 
@@ -1512,10 +1590,10 @@ mod tests {
         let t = fixture();
         let mut topo = Topology::detect_with(&opts(&t.0));
         topo.gpus = vec![
-            gpu(0, Some(1), &[2, 3]),   // NVML affinity wins over the node
-            gpu(1, Some(1), &[]),       // node 1
-            gpu(2, Some(7), &[]),       // unknown node: everything
-            gpu(3, None, &[]),          // no node: everything
+            gpu(0, Some(1), &[2, 3]), // NVML affinity wins over the node
+            gpu(1, Some(1), &[]),     // node 1
+            gpu(2, Some(7), &[]),     // unknown node: everything
+            gpu(3, None, &[]),        // no node: everything
         ];
         assert_eq!(topo.nearest_cpus(0), [2, 3]);
         assert_eq!(topo.nearest_cpus_why(0).1, "nvml affinity");
@@ -1526,6 +1604,23 @@ mod tests {
         assert_eq!(topo.nearest_cpus(3), all);
         assert_eq!(topo.nearest_cpus_why(3).1, "all online cpus");
         assert_eq!(topo.nearest_cpus(99), all, "a GPU that does not exist");
+    }
+
+    #[test]
+    fn numa_node_is_inferred_from_cpus() {
+        let t = fixture();
+        let mut topo = Topology::detect_with(&opts(&t.0));
+        assert_eq!(topo.numa_of_cpus(&[0, 1]), Some(0));
+        assert_eq!(topo.numa_of_cpus(&[4, 12, 0]), Some(1));
+        assert_eq!(topo.numa_of_cpus(&[0, 4]), None, "a tie");
+        assert_eq!(topo.numa_of_cpus(&[]), None);
+        assert_eq!(topo.numa_of_cpus(&[99]), None);
+        topo.gpus = vec![gpu(0, None, &[5, 6]), gpu(1, Some(0), &[5, 6])];
+        topo.nics[2].local_cpus = vec![8, 9];
+        topo.infer_numa();
+        assert_eq!(topo.gpus[0].numa_node, Some(1));
+        assert_eq!(topo.gpus[1].numa_node, Some(0), "a known node is kept");
+        assert_eq!(topo.nics[2].numa_node, Some(0));
     }
 
     #[test]
@@ -1564,11 +1659,26 @@ mod tests {
             p("pci0000:00/0000:00:01.0/0000:01:00.0/0000:02:02.0/0000:05:00.0/0000:06:00.0/0000:07:00.0");
         let host_bridge = p("pci0000:00/0000:00:03.0");
         let other_root = p("pci0000:80/0000:80:01.0");
-        assert_eq!(pci_level(&gpu, Some(0), &same_switch, Some(0)), PcieLevel::Single);
-        assert_eq!(pci_level(&gpu, Some(0), &deeper, Some(0)), PcieLevel::Multiple);
-        assert_eq!(pci_level(&gpu, Some(0), &host_bridge, None), PcieLevel::HostBridge);
-        assert_eq!(pci_level(&gpu, Some(0), &other_root, Some(0)), PcieLevel::Node);
-        assert_eq!(pci_level(&gpu, Some(0), &other_root, Some(1)), PcieLevel::System);
+        assert_eq!(
+            pci_level(&gpu, Some(0), &same_switch, Some(0)),
+            PcieLevel::Single
+        );
+        assert_eq!(
+            pci_level(&gpu, Some(0), &deeper, Some(0)),
+            PcieLevel::Multiple
+        );
+        assert_eq!(
+            pci_level(&gpu, Some(0), &host_bridge, None),
+            PcieLevel::HostBridge
+        );
+        assert_eq!(
+            pci_level(&gpu, Some(0), &other_root, Some(0)),
+            PcieLevel::Node
+        );
+        assert_eq!(
+            pci_level(&gpu, Some(0), &other_root, Some(1)),
+            PcieLevel::System
+        );
         assert_eq!(pci_level(&[], None, &[], None), PcieLevel::System);
     }
 
@@ -1616,13 +1726,19 @@ mod tests {
             text.starts_with("gpus: none (no NVIDIA driver (libnvidia-ml.so.1 not found))\n"),
             "{text}"
         );
-        assert!(text.contains("numa: 2 nodes (sysfs), cpus online 0-15"), "{text}");
+        assert!(
+            text.contains("numa: 2 nodes (sysfs), cpus online 0-15"),
+            "{text}"
+        );
         assert!(text.contains("node0: cpus 0-3,8-11 (8), 1.0 GiB"), "{text}");
         assert!(
             text.contains("mlx5_0 (rdma, ib0)  pci 0000:04:00.0  numa 0  cpus 0-3,8-11"),
             "{text}"
         );
-        assert!(text.contains("eth0 (net)  pci 0000:00:03.0  numa -  cpus -"), "{text}");
+        assert!(
+            text.contains("eth0 (net)  pci 0000:00:03.0  numa -  cpus -"),
+            "{text}"
+        );
     }
 
     #[cfg(feature = "cuda")]
@@ -1666,7 +1782,9 @@ mod tests {
     #[test]
     fn pinning_checks_its_input_and_pins() {
         assert!(pin_current_thread(&[]).unwrap_err().contains("no CPU"));
-        assert!(pin_current_thread(&[MAX_CPUS]).unwrap_err().contains("beyond"));
+        assert!(pin_current_thread(&[MAX_CPUS])
+            .unwrap_err()
+            .contains("beyond"));
         // On a thread of its own, so the test harness thread keeps its affinity.
         std::thread::spawn(|| {
             let allowed = current_thread_cpus().unwrap();

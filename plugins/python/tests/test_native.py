@@ -3,6 +3,8 @@ the process-global instance, the handle table, bad arguments."""
 
 import textwrap
 
+import pytest
+
 import bps
 from bps import _native
 from conftest import single
@@ -27,7 +29,9 @@ def test_calls_before_init_raise_clearly():
     # this test process never calls init
     for fn in (bps.rank, bps.size, bps.local_rank, bps.local_size, bps.barrier,
                lambda: bps.declare("x"), lambda: _native.push_pull_async("x", 0, 1, 1, 4),
-               lambda: _native.broadcast_async("x", 0, 1, 4, 0)):
+               lambda: _native.broadcast_async("x", 0, 1, 4, 0),
+               lambda: _native.push_pull_device_async("x", 1, 0, 4, 0, 0),
+               lambda: _native.broadcast_device_async("x", 1, 0, 4, 0, 0), bps.gpus):
         try:
             fn()
         except bps.NotInitializedError as e:
@@ -39,7 +43,9 @@ def test_calls_before_init_raise_clearly():
     assert _native.FLOAT32 == 0 and _native.UINT8 == 6
     assert [_native.dtype_size(c) for c in range(7)] == [4, 8, 2, 2, 4, 8, 1]
     assert _native.dtype_name(3) == "bf16"
-    assert bps.cuda_built() is False
+    # the default build has the CUDA path (it starts without a GPU, see below)
+    assert bps.cuda_built() is _native.cuda_built() and isinstance(bps.cuda_built(), bool)
+    assert bps.UnsupportedError is _native.UnsupportedError
 
 
 LIFECYCLE = textwrap.dedent(
@@ -136,6 +142,74 @@ LIFECYCLE = textwrap.dedent(
 def test_lifecycle_lone_worker():
     r = single(LIFECYCLE)
     assert r.rc == 0 and "LIFECYCLE OK" in r.out, r.out
+
+
+DEVICE = textwrap.dedent(
+    r"""
+    import array
+    import bps
+    from bps import _native as n
+
+    bps.init()
+    try:
+        gpus = bps.gpus()
+    except bps.UnsupportedError as e:
+        why = str(e)
+        assert why.startswith("bps.gpus: no usable GPU: "), why
+        reason = why[len("bps.gpus: no usable GPU: "):]
+        assert len(reason) > 10, why
+    else:
+        print("GPUS PRESENT", gpus)
+        raise SystemExit(0)
+
+    # host memory that is never used as device memory: every call fails before
+    a = array.array("f", [1.0] * 16)
+    addr = a.buffer_info()[0]
+    for call in (lambda: n.push_pull_device_async("g", addr, 0, 64, n.FLOAT32, 0, True, 0, keep=a),
+                 lambda: n.broadcast_device_async("b", addr, 0, 64, n.FLOAT32, 0, 0, 0, keep=a)):
+        try:
+            call()
+        except bps.UnsupportedError as e:
+            assert isinstance(e, NotImplementedError)
+            msg = str(e)
+            assert "unsupported" in msg, msg
+            if bps.cuda_built():
+                assert reason in msg, (reason, msg)  # the same reason, e.g. no driver
+            else:
+                assert "cuda" in msg, msg
+        else:
+            raise AssertionError("a device call without a GPU did not fail")
+    assert n.pending_count() == 0 and list(a) == [1.0] * 16
+
+    # arguments are checked first
+    for call, needle in [
+        (lambda: n.push_pull_device_async("g", addr, -1, 64, n.FLOAT32, 0), "device -1"),
+        (lambda: n.push_pull_device_async("g", addr, 0, 64, 9, 0), "not a dtype code"),
+        (lambda: n.push_pull_device_async("g", 0, 0, 64, n.FLOAT32, 0), "null device pointer"),
+        (lambda: n.push_pull_device_async("g", addr, 0, 6, n.FLOAT32, 0), "whole number"),
+        (lambda: n.broadcast_device_async("b", addr, 0, 64, n.FLOAT32, 0, 5), "root"),
+    ]:
+        try:
+            call()
+        except bps.InvalidArgumentError as e:
+            assert needle in str(e), (needle, str(e))
+        else:
+            raise AssertionError("no error: " + needle)
+
+    # the job goes on
+    n.push_pull("after", n.FLOAT32, addr, addr, 64)
+    assert list(a) == [1.0] * 16
+    bps.shutdown()
+    print("DEVICE OK")
+    """
+)
+
+
+def test_device_calls_without_a_gpu():
+    r = single(DEVICE)
+    if "GPUS PRESENT" in r.out:
+        pytest.skip("this machine has a usable GPU: tests/gpu/ covers the device path")
+    assert r.rc == 0 and "DEVICE OK" in r.out, r.out
 
 
 def test_bad_environment_is_a_config_error():

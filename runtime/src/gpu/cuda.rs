@@ -134,7 +134,8 @@ fn nccl_type(d: DType) -> nc::ncclDataType_t {
 /// What the API needs to reach the engine.
 pub(crate) struct GpuEngine {
     device: i32,
-    subs: Sender<GpuOp>,
+    subs: std::sync::Mutex<Option<Sender<GpuOp>>>,
+    thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// One GPU operation as submitted.
@@ -203,7 +204,7 @@ impl GpuEngine {
         .map_err(Error::Unsupported)?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let ctx_addr = ctx as usize;
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("bps-gpu-{device}"))
             .spawn(move || {
                 let ctx = ctx_addr as cu::CUcontext;
@@ -219,7 +220,21 @@ impl GpuEngine {
                 }
             })
             .map_err(|e| Error::Unsupported(format!("spawn the GPU thread: {e}")))?;
-        Ok(GpuEngine { device, subs: tx })
+        Ok(GpuEngine {
+            device,
+            subs: std::sync::Mutex::new(Some(tx)),
+            thread: std::sync::Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stop the engine: pending GPU operations fail with [`Error::ShutDown`], the NCCL
+    /// communicator is aborted, streams and buffers are released; returns once its thread has
+    /// ended (so nothing touches the GPU while the process exits).
+    pub(crate) fn stop(&self) {
+        drop(self.subs.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
     }
 
     pub(crate) fn device(&self) -> i32 {
@@ -227,7 +242,10 @@ impl GpuEngine {
     }
 
     pub(crate) fn submit(&self, op: GpuOp) -> Result<(), Error> {
-        self.subs.send(op).map_err(|_| Error::ShutDown)
+        match self.subs.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            Some(tx) => tx.send(op).map_err(|_| Error::ShutDown),
+            None => Err(Error::ShutDown),
+        }
     }
 }
 
@@ -459,7 +477,33 @@ impl Engine {
 
     // ------------------------------------------------------------ the loop
 
+    /// Run the stage thread (and so the pinned buffers it allocates) on the cores nearest
+    /// this GPU.
+    fn place_near_gpu(&self) {
+        let Ok(gpus) = probe() else {
+            return;
+        };
+        let Some(me) = gpus.iter().find(|g| g.index == self.device) else {
+            return;
+        };
+        let topo = crate::topo::Topology::detect();
+        let Some(g) = topo.gpu_by_pci(&me.pci_bus_id) else {
+            tracing::debug!("GPU {}: not in the topology; stage thread not pinned", self.device);
+            return;
+        };
+        let (cpus, why) = topo.nearest_cpus_why(g.index);
+        match crate::topo::pin_current_thread(&cpus) {
+            Ok(()) => tracing::debug!(
+                "GPU {} stage thread on cpus {} ({why})",
+                self.device,
+                crate::topo::format_cpulist(&cpus)
+            ),
+            Err(e) => tracing::debug!("GPU {}: stage thread not pinned: {e}", self.device),
+        }
+    }
+
     fn run(&mut self) {
+        self.place_near_gpu();
         if self.l() > 1 && self.nodes >= 1 {
             if let Err(e) = self.init_comm() {
                 self.comm_err = Some(e.clone());

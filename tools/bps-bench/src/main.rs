@@ -12,6 +12,8 @@
 //! transport (`Transport::register` is an `unsafe fn`; see that module).
 #![deny(unsafe_code)]
 
+#[allow(unsafe_code)]
+mod gpu;
 mod plot;
 mod progress;
 mod raw;
@@ -47,6 +49,8 @@ enum Cmd {
     /// Randomized push_pull for a while (sizes, dtypes, priorities, tensors in flight drawn
     /// from a seed), every result checked.
     Soak(soak::SoakArgs),
+    /// push_pull of GPU tensors, one worker per GPU (under bps-launch --local-size N).
+    Gpu(gpu::GpuArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -549,7 +553,7 @@ fn info() -> ExitCode {
         ),
         Err(e) => println!("  rdma: unavailable ({e})"),
     }
-    println!("gpus: none (this build has no CUDA support)");
+    sysinfo::print_topology(&rdma_cfg);
     println!("tunables:");
     let l = Lookup::env();
     for (t, v, src) in Config::describe(&l) {
@@ -581,6 +585,7 @@ fn main() -> ExitCode {
         Some(Cmd::Info) => return info(),
         Some(Cmd::Raw(a)) => return raw::main(a),
         Some(Cmd::Soak(a)) => return soak::main(a),
+        Some(Cmd::Gpu(a)) => return gpu::main(a),
         None => {}
     }
     let args = cli.run;

@@ -1,7 +1,10 @@
 //! What a result needs to be compared later: the machine (CPU model, cores, memory), the
-//! commit, the date.
+//! commit, the date; and for `info`, the GPU topology and the GPUDirect decision.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use bps_transport::rdma::gpudirect::{select_route, GpuDirectInputs};
+use bps_transport::LinkKind;
 
 /// The CPU model as the kernel names it, or "unknown".
 pub fn cpu_model() -> String {
@@ -132,9 +135,127 @@ pub fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Prints what `bps-bench info` says about GPUs: the GPUs (or why there are none), their NVLink
+/// matrix, the NUMA nodes and CPUs nearest each GPU and NIC, and how GPU buffers would travel
+/// between hosts (GPUDirect RDMA or staged).
+pub fn print_topology(rdma_cfg: &bps_transport::rdma::RdmaConfig) {
+    let topo = bps_runtime::topo::Topology::detect();
+    print!("{topo}");
+    let rdma = bps_transport::rdma::probe(rdma_cfg).map_err(|e| e.to_string());
+    // The CUDA ordinal whose memory is asked about: 0, the device a process sees first.
+    let inputs = bps_runtime::topo::gpudirect_inputs(0);
+    for line in gpudirect_lines(&rdma, &inputs) {
+        println!("{line}");
+    }
+}
+
+/// The `gpudirect:` section: the decision for links to servers, then each input.
+fn gpudirect_lines(
+    rdma: &Result<bps_transport::rdma::DeviceSummary, String>,
+    inputs: &Result<GpuDirectInputs, String>,
+) -> Vec<String> {
+    let yes_no = |r: &Result<(), String>| match r {
+        Ok(()) => "yes".to_string(),
+        Err(e) => format!("no ({e})"),
+    };
+    let mut out = vec!["gpudirect:".to_string()];
+    let inputs = match inputs {
+        Ok(i) => i,
+        Err(e) => {
+            out.push(format!("  route: unknown: {e}"));
+            return out;
+        }
+    };
+    let link = if rdma.is_ok() {
+        LinkKind::Rdma
+    } else {
+        LinkKind::Tcp
+    };
+    out.push(format!(
+        "  route to servers: {}",
+        select_route("servers", link, inputs)
+    ));
+    out.push(format!(
+        "  rdma link: {}",
+        match rdma {
+            Ok(d) => format!("yes ({d})"),
+            Err(e) => format!("no ({e})"),
+        }
+    ));
+    out.push(format!(
+        "  dma-buf export of device memory (CUDA device 0): {}",
+        yes_no(&inputs.dmabuf_export)
+    ));
+    out.push(format!(
+        "  dma-buf registration with the NIC (kernel): {}",
+        yes_no(&inputs.verbs_dmabuf)
+    ));
+    out.push(format!(
+        "  {}: {}",
+        bps_runtime::topo::GPUDIRECT_ENV,
+        match &inputs.disabled_by {
+            Some(s) => format!("off ({s})"),
+            None => "on".to_string(),
+        }
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn summary() -> bps_transport::rdma::DeviceSummary {
+        bps_transport::rdma::DeviceSummary {
+            device: "mlx5_0".into(),
+            port: 1,
+            gid_index: 3,
+            gid: std::net::Ipv6Addr::LOCALHOST,
+            link_layer: "Ethernet",
+            lid: 0,
+            active_mtu: 4096,
+            max_msg_bytes: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn gpudirect_section() {
+        let ok = GpuDirectInputs {
+            disabled_by: None,
+            dmabuf_export: Ok(()),
+            verbs_dmabuf: Ok(()),
+        };
+        let l = gpudirect_lines(&Ok(summary()), &Ok(ok.clone()));
+        assert_eq!(l[0], "gpudirect:");
+        assert!(l[1].contains("GPUDirect RDMA"), "{l:?}");
+        assert!(l[2].starts_with("  rdma link: yes (mlx5_0"), "{l:?}");
+        assert_eq!(l[5], "  BPS_GPUDIRECT: on");
+
+        let l = gpudirect_lines(&Err("no RDMA device".into()), &Ok(ok.clone()));
+        assert_eq!(
+            l[1],
+            "  route to servers: staged through pinned host memory (link to servers is tcp)"
+        );
+        assert_eq!(l[2], "  rdma link: no (no RDMA device)");
+
+        let no_driver = GpuDirectInputs {
+            dmabuf_export: Err("no CUDA driver (libcuda.so.1 not found)".into()),
+            ..ok
+        };
+        let l = gpudirect_lines(&Ok(summary()), &Ok(no_driver));
+        assert!(l[1].contains("no CUDA driver"), "{l:?}");
+        assert!(
+            l[3].ends_with("no (no CUDA driver (libcuda.so.1 not found))"),
+            "{l:?}"
+        );
+
+        let l = gpudirect_lines(
+            &Ok(summary()),
+            &Err("BPS_GPUDIRECT=\"2\": expected 0 or 1".into()),
+        );
+        assert_eq!(l.len(), 2);
+        assert!(l[1].contains("BPS_GPUDIRECT"), "{l:?}");
+    }
 
     #[test]
     fn dates() {

@@ -12,6 +12,8 @@ The common API, shared by the framework modules ``bps.torch`` and ``bps.mxnet``:
 Start jobs with ``bps-launch --workers N [--servers S] -- python train.py`` (or BytePS's
 ``DMLC_*`` variables, or ``torchrun``). Every error bps raises is a :class:`BpsError` (a
 ``RuntimeError``) whose message is the runtime's error text; see the subclasses below.
+``UnsupportedError`` (also a ``NotImplementedError``) is raised for what this build or machine
+cannot do, e.g. CUDA tensors without CUDA support or without a usable GPU: its message says why.
 """
 
 import atexit as _atexit
@@ -26,6 +28,7 @@ from ._native import (  # noqa: F401  (re-exported)
     NotInitializedError,
     PeerError,
     ShutDownError,
+    UnsupportedError,
 )
 
 __version__ = _native.__version__
@@ -42,6 +45,7 @@ __all__ = [
     "declare",
     "barrier",
     "cuda_built",
+    "gpus",
     "BpsError",
     "BpsTimeoutError",
     "ConfigError",
@@ -53,10 +57,6 @@ __all__ = [
     "UnsupportedError",
     "DtypeError",
 ]
-
-
-class UnsupportedError(BpsError, NotImplementedError):
-    """Something this build of bps cannot do (e.g. CUDA tensors: this build has no CUDA)."""
 
 
 class DtypeError(BpsError, TypeError):
@@ -145,5 +145,13 @@ def barrier():
 
 
 def cuda_built():
-    """Whether this build handles CUDA tensors (it does not: the CUDA path is separate work)."""
+    """Whether this build of bps has the CUDA path (GPU tensors). A build with it still runs on
+    a machine without a GPU; :func:`gpus` says whether this one has a usable GPU."""
     return _native.cuda_built()
+
+
+def gpus():
+    """The GPUs this process can use (after :func:`init`): a list of dicts with ``index``,
+    ``name``, ``memory`` (bytes) and ``pci_bus_id``. Raises :class:`UnsupportedError` saying
+    why there is none (a build without CUDA, no NVIDIA driver, no device)."""
+    return _native.gpus()

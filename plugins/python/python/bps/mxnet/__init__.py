@@ -15,8 +15,8 @@ or, through MXNet's KVStore interface::
 
 Operations are zero-copy on the NDArray's memory: bps waits for MXNet's engine to finish every
 pending read and write of the array, then the runtime reads and writes it directly.
-``byteps_push_pull`` is synchronous from the caller's view. This build has no CUDA path: arrays
-must live on a CPU context.
+``byteps_push_pull`` is synchronous from the caller's view. The MXNet plugin has no GPU path
+(the runtime's GPU path is used by ``bps.torch``): arrays must live on a CPU context.
 """
 
 import ctypes
@@ -91,8 +91,8 @@ def _check(tensor, op):
         raise TypeError("bps.mxnet.%s: expected an mxnet NDArray, got %s" % (op, type(tensor).__name__))
     if tensor.context.device_type not in _CPU_DEVICES:
         raise UnsupportedError(
-            "bps.mxnet.%s: array is on %s, but this build of bps has no CUDA support (the CUDA "
-            "path is separate work); use a CPU context (mx.cpu())" % (op, tensor.context)
+            "bps.mxnet.%s: array is on %s, but bps.mxnet works on CPU contexts only (no CUDA "
+            "support for MXNet arrays); use a CPU context (mx.cpu())" % (op, tensor.context)
         )
     if tensor.stype != "default":
         raise InvalidArgumentError(

@@ -11,10 +11,23 @@
     for batch in data:
         optimizer.zero_grad(); loss(model(batch)).backward(); optimizer.step()
 
-Tensors must be CPU tensors (this build has no CUDA path), contiguous, of a dtype bps sums:
-float32, float64, float16, bfloat16, int32, int64, uint8. Operations are zero-copy: the runtime
-reads and writes the tensor's memory directly, and the tensors are kept alive until the
-operation is synchronized.
+Tensors must be contiguous, of a dtype bps sums (float32, float64, float16, bfloat16, int32,
+int64, uint8), on the CPU or on a CUDA device. Operations are zero-copy: the runtime reads and
+writes the tensor's memory directly, and the tensors are kept alive until the operation is
+synchronized.
+
+CUDA tensors (in a build with CUDA, :func:`bps.cuda_built`) go to the runtime's GPU path as they
+are: its device address, its device, and the *current stream* of its device
+(``torch.cuda.current_stream(tensor.device)``). The runtime orders its work after what is
+queued on that stream when the call is made, so a gradient produced by a kernel still running
+needs no ``torch.cuda.synchronize()``; no host copy of the tensor is made by the plugin (the
+reduction among one host's GPUs stays on the devices; only what crosses hosts is staged through
+pinned host memory by the runtime). When :func:`synchronize` returns, the result is in the
+tensor and every GPU operation bps made on it has finished, so any stream may use it. Each
+process uses one GPU (``torch.cuda.set_device(bps.local_rank())``). The out-of-place forms
+(:func:`push_pull_async`, :func:`broadcast_async`) first copy the input into the new tensor on
+the current stream (device to device), since the GPU path works in place. Without CUDA support,
+or on a machine without a usable GPU, CUDA tensors raise :class:`UnsupportedError` saying why.
 """
 
 import collections
@@ -37,7 +50,9 @@ from .. import (  # noqa: F401  (re-exported, as byteps.torch does)
     ShutDownError,
     UnsupportedError,
     barrier,
+    cuda_built,
     declare,
+    gpus,
     init,
     is_initialized,
     local_rank,
@@ -98,16 +113,30 @@ _bcast_noname_counter = itertools.count()
 _object_counter = itertools.count()
 
 
+def _check_device(tensor, op):
+    """Raise UnsupportedError unless ``tensor`` is on the CPU or (in a build with CUDA) on a
+    CUDA device."""
+    kind = tensor.device.type
+    if kind == "cpu":
+        return
+    if kind != "cuda":
+        raise UnsupportedError(
+            "bps.torch.%s: tensor is on device %s, but bps works on CPU and CUDA tensors only; "
+            "move it with .cpu() first" % (op, tensor.device)
+        )
+    if not _native.cuda_built():
+        raise UnsupportedError(
+            "bps.torch.%s: tensor is on %s, but this build of bps has no CUDA support (it was "
+            "built without the `cuda` feature); move it to the CPU with .cpu() first, or use a "
+            "build with CUDA" % (op, tensor.device)
+        )
+
+
 def _check(tensor, op):
     """Raise a clear error unless ``tensor`` is a tensor the runtime can work on."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError("bps.torch.%s: expected a torch.Tensor, got %s" % (op, type(tensor).__name__))
-    if tensor.device.type != "cpu":
-        raise UnsupportedError(
-            "bps.torch.%s: tensor is on device %s, but this build of bps works on CPU tensors "
-            "only (it has no CUDA support; the CUDA path is separate work); move it to the CPU "
-            "with .cpu() first" % (op, tensor.device)
-        )
+    _check_device(tensor, op)
     if tensor.layout != torch.strided:
         raise InvalidArgumentError(
             "bps.torch.%s: %s tensors are not supported; convert with .to_dense()" % (op, tensor.layout)
@@ -133,10 +162,46 @@ def _push_pull_name(name):
     return str(name)
 
 
-def _start_push_pull(src, out, average, name, priority):
-    """Start a push_pull of ``src`` into ``out`` (both checked, same dtype and size; the
-    runtime works on their memory directly, autograd is not involved)."""
+def _stream(tensor):
+    """The raw handle (``cudaStream_t`` as an int, 0 = legacy default) of the current stream of
+    ``tensor``'s device: the stream whose queued work produces the data."""
+    return torch.cuda.current_stream(tensor.device).cuda_stream
+
+
+def _device_call(op, tensor, fn, *args):
+    """Call the native GPU function ``fn``; an UnsupportedError (no usable GPU, ...) gets the
+    operation and the tensor's device in front of the runtime's reason."""
+    try:
+        return fn(*args)
+    except UnsupportedError as e:
+        raise UnsupportedError("bps.torch.%s: tensor on %s: %s" % (op, tensor.device, e)) from None
+
+
+def _start_push_pull(src, out, average, name, priority, op="push_pull_async"):
+    """Start a push_pull of ``src`` into ``out`` (both checked, same dtype, size and device;
+    the runtime works on their memory directly, autograd is not involved)."""
     name = _push_pull_name(name)
+    if out.is_cuda:
+        # The GPU path works in place: an out-of-place push_pull copies the input into ``out``
+        # first, device to device on the current stream, which the runtime waits for.
+        if out is not src:
+            out.copy_(src.detach())
+        h = _device_call(
+            op,
+            out,
+            _native.push_pull_device_async,
+            name,
+            out.data_ptr(),
+            out.device.index,
+            _nbytes(out),
+            _DTYPE_CODES[out.dtype],
+            _stream(out),
+            bool(average),
+            int(priority),
+            out,
+        )
+        _handles[h] = (out, None)
+        return h
     h = _native.push_pull_async(
         name,
         _DTYPE_CODES[src.dtype],
@@ -155,21 +220,23 @@ def push_pull_async(tensor, average=True, name=None, version=0, priority=0):
     """Start summing ``tensor`` across all workers (averaged if ``average``) into a new tensor.
 
     Returns a handle for :func:`poll` and :func:`synchronize` (which returns the new tensor).
-    ``tensor`` must not be modified until then. ``name`` identifies the tensor across workers
-    (default: a per-process counter, identical on every worker making the same calls);
-    ``version`` is accepted for BytePS compatibility and ignored; higher ``priority`` goes first.
+    ``tensor`` must not be modified until then (a CUDA tensor is copied into the new tensor on
+    the current stream first, so later work on that stream may modify it). ``name`` identifies
+    the tensor across workers (default: a per-process counter, identical on every worker making
+    the same calls); ``version`` is accepted for BytePS compatibility and ignored; higher
+    ``priority`` goes first.
     """
     del version
     _check(tensor, "push_pull_async")
     out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    return _start_push_pull(tensor, out, average, name, priority)
+    return _start_push_pull(tensor, out, average, name, priority, "push_pull_async")
 
 
 def push_pull_async_inplace(tensor, average=True, name=None, version=0, priority=0):
     """As :func:`push_pull_async`, writing the result into ``tensor`` itself."""
     del version
     _check(tensor, "push_pull_async_inplace")
-    return _start_push_pull(tensor, tensor, average, name, priority)
+    return _start_push_pull(tensor, tensor, average, name, priority, "push_pull_async_inplace")
 
 
 class _PushPull(torch.autograd.Function):
@@ -224,8 +291,7 @@ def _as_wire(tensor, op):
     bit-exact, so any dtype goes as its bytes."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError("bps.torch.%s: expected a torch.Tensor, got %s" % (op, type(tensor).__name__))
-    if tensor.device.type != "cpu":
-        _check(tensor, op)
+    _check_device(tensor, op)
     t = tensor.detach()
     if t.layout != torch.strided:
         _check(t, op)
@@ -243,10 +309,28 @@ def broadcast_async_(tensor, root_rank=0, name=None, priority=0):
     """Start replacing ``tensor`` on every worker by root_rank's (in place); returns a handle.
 
     Any dtype works (broadcast copies bytes); a non-contiguous tensor is broadcast through a
-    contiguous copy that is written back by :func:`synchronize`.
+    contiguous copy that is written back by :func:`synchronize`. CUDA tensors go through the
+    GPU path in place, after the work queued on the device's current stream.
     """
     buf, raw, post = _as_wire(tensor, "broadcast_async_")
     name = _broadcast_name(name)
+    if raw.is_cuda:
+        h = _device_call(
+            "broadcast_async_",
+            raw,
+            _native.broadcast_device_async,
+            name,
+            raw.data_ptr(),
+            raw.device.index,
+            _nbytes(raw),
+            _DTYPE_CODES[raw.dtype],
+            _stream(raw),
+            int(root_rank),
+            int(priority),
+            (buf, raw),
+        )
+        _handles[h] = (tensor, post)
+        return h
     h = _native.broadcast_async(
         name, _DTYPE_CODES[raw.dtype], raw.data_ptr(), _nbytes(raw), int(root_rank), int(priority), (buf, raw)
     )
@@ -358,17 +442,33 @@ def broadcast_parameters(params, root_rank=0, prefix="Parameter."):
         raise err
 
 
+def _on_cpu(obj):
+    """``obj`` with every tensor in it (through dicts, lists and tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return type(obj)((k, _on_cpu(v)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_on_cpu(v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def broadcast_optimizer_state(optimizer, root_rank=0, prefix="Parameter."):
     """Give every worker root_rank's optimizer state (``state_dict()``: hyper-parameters of each
     param group and per-parameter state such as momentum buffers), through
-    :func:`broadcast_object`. Every worker's optimizer must hold the same parameters."""
+    :func:`broadcast_object`. Every worker's optimizer must hold the same parameters.
+
+    State on a GPU travels through the CPU (so it does not land on root_rank's GPU elsewhere);
+    ``load_state_dict`` puts it back on each worker's parameters' device."""
     del prefix
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             "bps.torch.broadcast_optimizer_state: expected a torch.optim.Optimizer, got %s"
             % type(optimizer).__name__
         )
-    state = optimizer.state_dict() if rank() == root_rank else None
+    state = _on_cpu(optimizer.state_dict()) if rank() == root_rank else None
     state = broadcast_object(state, root_rank, name="OptimizerState")
     if rank() != root_rank:
         optimizer.load_state_dict(state)
@@ -531,6 +631,10 @@ def DistributedOptimizer(optimizer, named_parameters=None, backward_passes_per_s
     ``model.named_parameters()``) names the tensors; every worker must build the same model.
     ``backward_passes_per_step`` accumulates that many backward passes locally before
     communicating. ``compression=Compression.fp16`` sends float16 on the wire.
+
+    CUDA parameters work as CPU ones: each hook starts the push_pull of the gradient in place
+    on its device, after the work queued on the device's current stream (the stream autograd
+    computed the gradient on); fp16 compression converts on the device.
     """
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), dict(_DistributedOptimizer.__dict__))
     opt = cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step)

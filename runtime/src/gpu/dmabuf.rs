@@ -1,0 +1,329 @@
+//! Device memory as a dma-buf, for GPUDirect RDMA (feature `cuda`).
+//!
+//! `cuMemGetHandleForAddressRange(…, CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, …)` gives a dma-buf
+//! file descriptor for a range of device memory; the RDMA device registers it with
+//! `ibv_reg_dmabuf_mr(pd, offset, len, iova, fd, access)`, after which the NIC reads and writes
+//! GPU memory directly. The driver wants the range aligned to the host page size, so the
+//! dma-buf covers [`page_span`] of the buffer and the buffer sits at
+//! [`PageSpan::offset`] in it.
+//!
+//! This needs the open NVIDIA kernel modules (the proprietary ones do not export dma-bufs), which
+//! [`dmabuf_supported`] asks the driver about. Whether GPU buffers go direct or are staged is
+//! decided by `bps_transport::rdma::gpudirect::select_route`.
+
+use std::ffi::{c_int, c_void};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use cudarc::driver::sys as cu;
+
+/// Why the CUDA driver cannot be called, or `None` when it can.
+fn driver_missing() -> Option<String> {
+    // SAFETY: only tries to dlopen the driver library under the names cudarc knows; no CUDA call.
+    if unsafe { cu::is_culib_present() } {
+        None
+    } else {
+        Some("no CUDA driver (libcuda.so.1 not found)".into())
+    }
+}
+
+/// Whether the loaded driver has the entry point `name` (cudarc panics on a missing symbol).
+fn has_symbol(name: &str) -> bool {
+    // SAFETY: called only after `is_culib_present` (so `culib` finds a library instead of
+    // panicking); looking a symbol up runs no code of the library.
+    unsafe {
+        cu::culib()
+            .get::<unsafe extern "C" fn()>(name.as_bytes())
+            .is_ok()
+    }
+}
+
+/// A CUDA status in words: `CUDA_ERROR_NOT_SUPPORTED (operation not supported)`.
+fn describe(r: cu::CUresult) -> String {
+    let mut s: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: the driver is loaded (callers checked); `s` is a valid out-pointer; on success it
+    // points at a static NUL-terminated string owned by the driver.
+    let text = unsafe {
+        if cu::cuGetErrorString(r, &mut s) == cu::CUresult::CUDA_SUCCESS && !s.is_null() {
+            Some(std::ffi::CStr::from_ptr(s).to_string_lossy().into_owned())
+        } else {
+            None
+        }
+    };
+    match text {
+        Some(t) => format!("{r:?} ({t})"),
+        None => format!("{r:?}"),
+    }
+}
+
+/// The host page size.
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(p)
+        .ok()
+        .filter(|p| p.is_power_of_two())
+        .unwrap_or(4096)
+}
+
+/// The page-aligned range covering a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageSpan {
+    /// Start of the range (the buffer's address rounded down to a page).
+    pub base: u64,
+    /// Length of the range (a whole number of pages).
+    pub len: usize,
+    /// Where the buffer starts inside the range (its offset in the dma-buf).
+    pub offset: u64,
+}
+
+/// The range of whole `page`-byte pages covering `ptr..ptr + len`.
+///
+/// # Errors
+/// A null pointer, zero length, a page size that is not a power of two, or a range that runs past
+/// the end of the address space.
+pub fn page_span(ptr: u64, len: usize, page: usize) -> Result<PageSpan, String> {
+    if ptr == 0 {
+        return Err("dma-buf export: null device pointer".into());
+    }
+    if len == 0 {
+        return Err(format!("dma-buf export of {ptr:#x}: zero length"));
+    }
+    if !page.is_power_of_two() {
+        return Err(format!(
+            "dma-buf export: page size {page} is not a power of two"
+        ));
+    }
+    let mask = page as u64 - 1;
+    let base = ptr & !mask;
+    let end = ptr
+        .checked_add(len as u64)
+        .and_then(|e| e.checked_add(mask))
+        .map(|e| e & !mask)
+        .ok_or_else(|| {
+            format!("dma-buf export: {ptr:#x} + {len} runs past the end of the address space")
+        })?;
+    let span = usize::try_from(end - base)
+        .map_err(|_| format!("dma-buf export: {ptr:#x} + {len} is too long"))?;
+    Ok(PageSpan {
+        base,
+        len: span,
+        offset: ptr - base,
+    })
+}
+
+/// Exports the device memory `ptr..ptr + len` (from `cuMemAlloc`, or mapped through
+/// `cuMemCreate`/`cuMemMap`) as a dma-buf: the file descriptor covers [`page_span`] of the
+/// range, so the buffer sits at `ptr % page_size()` in it. Needs a current CUDA context on
+/// the device that owns the memory.
+///
+/// # Errors
+/// Bad input (null pointer, zero length), no driver, a driver without
+/// `cuMemGetHandleForAddressRange`, or the driver refusing, e.g.
+/// `cuMemGetHandleForAddressRange: CUDA_ERROR_NOT_SUPPORTED (operation not supported)` where the
+/// kernel modules cannot export dma-bufs.
+pub fn export_dmabuf(ptr: u64, len: usize) -> Result<OwnedFd, String> {
+    let span = page_span(ptr, len, page_size())?;
+    if let Some(why) = driver_missing() {
+        return Err(why);
+    }
+    if !has_symbol("cuMemGetHandleForAddressRange") {
+        return Err(
+            "cuMemGetHandleForAddressRange: not in this CUDA driver (needs CUDA 11.7 or later)"
+                .into(),
+        );
+    }
+    let mut fd: c_int = -1;
+    // SAFETY: the driver is loaded and has the entry point (checked above). For the dma-buf
+    // handle type the handle is an `int` the driver writes, and `fd` is one. The range is page
+    // aligned as the driver requires; whether it is device memory of the current context is
+    // the driver's to check (it answers with an error, it does not touch the range).
+    let r = unsafe {
+        cu::cuMemGetHandleForAddressRange(
+            (&mut fd as *mut c_int).cast::<c_void>(),
+            span.base,
+            span.len,
+            cu::CUmemRangeHandleType::CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD,
+            0,
+        )
+    };
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(format!(
+            "cuMemGetHandleForAddressRange({:#x}, {} bytes): {}",
+            span.base,
+            span.len,
+            describe(r)
+        ));
+    }
+    if fd < 0 {
+        return Err(format!(
+            "cuMemGetHandleForAddressRange({:#x}, {} bytes) succeeded but gave fd {fd}",
+            span.base, span.len
+        ));
+    }
+    // SAFETY: the driver just created this descriptor for us; nothing else owns or closes it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether CUDA device `ordinal` can export its memory as dma-bufs
+/// (`CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED`). Initialises the driver (`cuInit`).
+///
+/// # Errors
+/// Why not: no driver, a bad ordinal, or the device saying no.
+pub fn dmabuf_supported(ordinal: i32) -> Result<(), String> {
+    if let Some(why) = driver_missing() {
+        return Err(why);
+    }
+    // SAFETY: the driver library is present (checked above); cuInit has no preconditions.
+    let r = unsafe { cu::cuInit(0) };
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(format!("cuInit: {}", describe(r)));
+    }
+    let mut dev: cu::CUdevice = 0;
+    // SAFETY: the driver is initialised; `dev` is a valid out-pointer; a bad ordinal is an
+    // error return.
+    let r = unsafe { cu::cuDeviceGet(&mut dev, ordinal) };
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(format!("CUDA device {ordinal}: {}", describe(r)));
+    }
+    let mut v: c_int = 0;
+    // SAFETY: `dev` came from cuDeviceGet; `v` is a valid out-pointer.
+    let r = unsafe {
+        cu::cuDeviceGetAttribute(
+            &mut v,
+            cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED,
+            dev,
+        )
+    };
+    if r != cu::CUresult::CUDA_SUCCESS {
+        return Err(format!(
+            "CUDA device {ordinal}: DMA_BUF_SUPPORTED: {}",
+            describe(r)
+        ));
+    }
+    if v == 0 {
+        return Err(format!(
+            "cuMemGetHandleForAddressRange: not supported on CUDA device {ordinal} (dma-buf \
+             export needs the open NVIDIA kernel modules)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_are_page_aligned() {
+        assert_eq!(
+            page_span(0x1000, 0x1000, 4096),
+            Ok(PageSpan {
+                base: 0x1000,
+                len: 0x1000,
+                offset: 0
+            })
+        );
+        assert_eq!(
+            page_span(0x1010, 0x10, 4096),
+            Ok(PageSpan {
+                base: 0x1000,
+                len: 0x1000,
+                offset: 0x10
+            })
+        );
+        // Crossing a page boundary takes both pages.
+        assert_eq!(
+            page_span(0x1ff0, 0x20, 4096),
+            Ok(PageSpan {
+                base: 0x1000,
+                len: 0x2000,
+                offset: 0xff0
+            })
+        );
+        assert_eq!(
+            page_span(0x7f00_0001_0000, 3 << 20, 65536),
+            Ok(PageSpan {
+                base: 0x7f00_0001_0000,
+                len: 3 << 20,
+                offset: 0
+            })
+        );
+        assert!(page_size().is_power_of_two());
+    }
+
+    #[test]
+    fn bad_ranges_are_named() {
+        assert!(page_span(0, 8, 4096).unwrap_err().contains("null"));
+        assert!(page_span(0x1000, 0, 4096)
+            .unwrap_err()
+            .contains("zero length"));
+        assert!(page_span(0x1000, 8, 3000).unwrap_err().contains("3000"));
+        assert!(page_span(u64::MAX - 10, 100, 4096)
+            .unwrap_err()
+            .contains("past the end"));
+        assert!(export_dmabuf(0, 8).unwrap_err().contains("null"));
+    }
+
+    #[test]
+    fn export_without_a_driver_is_an_error_not_a_panic() {
+        // On a machine with a driver but no context/allocation at this address the driver
+        // refuses; without one the missing library is named. Either way: an error.
+        let e = export_dmabuf(0x7000_0000_0000, 4096).unwrap_err();
+        assert!(!e.is_empty());
+        // SAFETY: only tries to dlopen the driver library.
+        if !unsafe { cu::is_culib_present() } {
+            assert_eq!(e, "no CUDA driver (libcuda.so.1 not found)");
+            assert_eq!(
+                dmabuf_supported(0).unwrap_err(),
+                "no CUDA driver (libcuda.so.1 not found)"
+            );
+        }
+    }
+
+    /// On a machine with an NVIDIA GPU: export a real allocation (at an offset inside a page).
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and driver"]
+    fn export_real_allocation() {
+        // SAFETY: only tries to dlopen the driver library.
+        assert!(unsafe { cu::is_culib_present() }, "no CUDA driver");
+        if let Err(why) = dmabuf_supported(0) {
+            // The driver says no (proprietary kernel modules): export must say no as well.
+            eprintln!("dma-buf not supported: {why}");
+        }
+        let mut dev: cu::CUdevice = 0;
+        let mut ctx: cu::CUcontext = std::ptr::null_mut();
+        let mut ptr: cu::CUdeviceptr = 0;
+        let len = 4 << 20;
+        // SAFETY: the driver is loaded and initialised (dmabuf_supported called cuInit); all
+        // out-pointers are valid; the primary context of device 0 is retained, made current,
+        // used for one allocation that is freed below, and released.
+        unsafe {
+            assert_eq!(cu::cuDeviceGet(&mut dev, 0), cu::CUresult::CUDA_SUCCESS);
+            assert_eq!(
+                cu::cuDevicePrimaryCtxRetain(&mut ctx, dev),
+                cu::CUresult::CUDA_SUCCESS
+            );
+            assert_eq!(cu::cuCtxSetCurrent(ctx), cu::CUresult::CUDA_SUCCESS);
+            assert_eq!(cu::cuMemAlloc_v2(&mut ptr, len), cu::CUresult::CUDA_SUCCESS);
+        }
+        let result = export_dmabuf(ptr + 256, len - 256);
+        match (&result, dmabuf_supported(0)) {
+            (Ok(fd), _) => {
+                use std::os::fd::AsRawFd;
+                let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                eprintln!("exported {len} bytes at {ptr:#x}+256 as fd -> {target}");
+                assert!(target.contains("dmabuf"), "{target}");
+            }
+            (Err(e), Ok(())) => panic!("the device says dma-buf works, export failed: {e}"),
+            (Err(e), Err(_)) => eprintln!("export refused as expected: {e}"),
+        }
+        drop(result);
+        // SAFETY: `ptr` came from cuMemAlloc in the current context; the context was retained.
+        unsafe {
+            assert_eq!(cu::cuMemFree_v2(ptr), cu::CUresult::CUDA_SUCCESS);
+            cu::cuDevicePrimaryCtxRelease_v2(dev);
+        }
+    }
+}
