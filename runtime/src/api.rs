@@ -944,6 +944,15 @@ impl Bps {
             partition_bytes: self.inner.cfg.partition_bytes,
             credit_bytes: self.inner.cfg.credit_bytes,
             timeout: self.inner.cfg.timeout,
+            server_link: match self.inner.cfg.transport {
+                Some(k) => k,
+                None if bps_transport::rdma::COMPILED
+                    && bps_transport::rdma::probe(&self.inner.cfg.rdma).is_ok() =>
+                {
+                    LinkKind::Rdma
+                }
+                None => LinkKind::Tcp,
+            },
         };
         let links = crate::gpu::Links {
             cmds: self.inner.cmds.clone(),

@@ -160,6 +160,8 @@ pub(crate) struct Shape {
     pub partition_bytes: usize,
     pub credit_bytes: u64,
     pub timeout: Duration,
+    /// How this worker reaches the servers (for the GPUDirect decision).
+    pub server_link: bps_transport::LinkKind,
 }
 
 /// Links from the engine to the rest of the process.
@@ -488,7 +490,10 @@ impl Engine {
         };
         let topo = crate::topo::Topology::detect();
         let Some(g) = topo.gpu_by_pci(&me.pci_bus_id) else {
-            tracing::debug!("GPU {}: not in the topology; stage thread not pinned", self.device);
+            tracing::debug!(
+                "GPU {}: not in the topology; stage thread not pinned",
+                self.device
+            );
             return;
         };
         let (cpus, why) = topo.nearest_cpus_why(g.index);
@@ -502,8 +507,34 @@ impl Engine {
         }
     }
 
+    /// GPUDirect RDMA or staging for the servers' link, decided once and logged.
+    fn choose_route(&self) {
+        if self.nodes <= 1 {
+            return;
+        }
+        let route = match crate::topo::gpudirect_inputs(self.device) {
+            Ok(inputs) => bps_transport::rdma::gpudirect::select_route(
+                "the servers",
+                self.shape.server_link,
+                &inputs,
+            ),
+            Err(e) => bps_transport::rdma::gpudirect::Route::Staged { reason: e },
+        };
+        if route.is_direct() {
+            // The data path registers host memory only so far: GPUDirect needs a NIC that
+            // takes dma-buf registrations, which no machine of this project has.
+            tracing::info!(
+                "GPU {}: GPUDirect RDMA possible, staged through pinned host memory (device-memory registration is not in the data path yet)",
+                self.device
+            );
+        } else {
+            tracing::info!("GPU {}: {route}", self.device);
+        }
+    }
+
     fn run(&mut self) {
         self.place_near_gpu();
+        self.choose_route();
         if self.l() > 1 && self.nodes >= 1 {
             if let Err(e) = self.init_comm() {
                 self.comm_err = Some(e.clone());
