@@ -164,6 +164,9 @@ struct Active {
     left: usize,
     deadline: Instant,
     chunks: Vec<ChunkSt>,
+    /// Per chunk: its bytes count against the credit (from the moment the queue let it go
+    /// until its push left this process, or its answer came, whichever is first).
+    credit: Vec<bool>,
 }
 
 struct WTensor {
@@ -852,6 +855,7 @@ impl Node {
             left,
             deadline: Instant::now() + timeout,
             chunks: states,
+            credit: vec![false; n],
         });
     }
 
@@ -906,9 +910,22 @@ impl Node {
             if !w.retry.is_empty() {
                 return;
             }
-            let Some(((t, c), _)) = w.queue.pop() else {
+            let Some(((t, c), bytes)) = w.queue.pop() else {
                 return;
             };
+            match w.tensors.get_mut(&t).and_then(|x| x.active.as_mut()) {
+                Some(a)
+                    if a.chunks.get(c as usize) == Some(&ChunkSt::Queued)
+                        && !a.credit[c as usize] =>
+                {
+                    a.credit[c as usize] = true;
+                }
+                _ => {
+                    // A stale entry (its operation failed): give the credit back.
+                    w.queue.release(bytes);
+                    continue;
+                }
+            }
             self.issue(t, c);
         }
     }
@@ -1042,6 +1059,8 @@ impl Node {
                 if wr_id & WR_SERVER != 0 {
                     let slot = (wr_id & 0xffff_ffff) as u32;
                     self.on_answer_sent(slot);
+                } else if wr_id & WR_UP == 0 {
+                    self.on_push_sent((wr_id >> 32) as u32, (wr_id & 0xffff_ffff) as u32);
                 }
             }
             Event::WriteReceived {
@@ -1759,6 +1778,25 @@ impl Node {
 
     // ------------------------------------------------------------ worker completions
 
+    /// A push left this process: its bytes stop counting against the credit, so the next
+    /// chunks go out while answers come back (both directions of the link busy).
+    fn on_push_sent(&mut self, tensor: u32, chunk: u32) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        let Some(t) = w.tensors.get_mut(&tensor) else {
+            return;
+        };
+        let Some(a) = t.active.as_mut() else {
+            return;
+        };
+        let ci = chunk as usize;
+        if a.credit.get(ci).copied().unwrap_or(false) {
+            a.credit[ci] = false;
+            w.queue.release(t.chunks[ci].len as u64);
+        }
+    }
+
     fn on_answer(&mut self, peer: PeerId, imm: u32, token: u64, offset: u64, len: u64) {
         let nw = self.num_workers;
         let timeout = self.cfg.timeout;
@@ -1802,7 +1840,9 @@ impl Node {
                 tracing::error!("average failed: {e}");
             }
         }
-        w.queue.release(c.len as u64);
+        if std::mem::take(&mut a.credit[ci]) {
+            w.queue.release(c.len as u64);
+        }
         if let Some(g) = &a.req.gpu {
             let _ = g.notify.send(GpuMsg::ChunkDone { op: g.op, chunk });
         }
@@ -1911,8 +1951,8 @@ impl Node {
                 }
             }
             // Give back the credit of chunks that were counted in flight.
-            for (i, st) in a.chunks.iter().enumerate() {
-                if matches!(st, ChunkSt::WaitInit | ChunkSt::Pushed) {
+            for (i, held) in a.credit.iter().enumerate() {
+                if *held {
                     w.queue.release(t.chunks[i].len as u64);
                 }
             }
