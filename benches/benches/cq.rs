@@ -1,12 +1,21 @@
 //! Completion-queue benches.
 //!
 //! * `cq/throughput`: 1 or 2 producer threads complete operations that one consumer drains
-//!   with `try_drain`, against the same number of `u64` messages through
-//!   `crossbeam_queue::ArrayQueue` (push / pop) and `std::sync::mpsc` (send / try_recv).
+//!   with `try_drain`, against the same number of messages through two baselines:
+//!   - `array_queue` and `mpsc`: `u64` messages through `crossbeam_queue::ArrayQueue`
+//!     (push / pop) and `std::sync::mpsc` (send / try_recv). Less work than a completion: no
+//!     status is published for pollers, nobody can wait on a message, nothing is owned.
+//!   - `array_queue_handles`: the same work as the completion queue, built from ArrayQueue:
+//!     each operation has a shared, reference-counted state allocated at set-up (like a
+//!     registered slot); the producer publishes the status with the waiter-aware `swap` a
+//!     futex-based completion needs (its old value says whether a waiter sleeps) and pushes
+//!     the `Arc` (the operation's ownership) into the ring; the consumer pops it into a `Vec`
+//!     (like `try_drain`'s output), dropped after the clock stops.
+//!
 //!   Registering the operations (one allocation each) is set-up and the drained handles are
-//!   dropped after the clock stops; thread start-up is inside the timed part for all three
-//!   alike. `inline` does the producers' work on the consumer's thread first: the cost of
-//!   the operations without cache lines moving between cores.
+//!   dropped after the clock stops; thread start-up is inside the timed part for all alike.
+//!   `inline` does the producers' work on the consumer's thread first: the cost of the
+//!   operations without cache lines moving between cores.
 //! * `cq/complete_to_seen`: one thread calls `Completer::complete` while another spins on
 //!   `Handle::status`; the time from just before `complete()` to the poller seeing `Done`,
 //!   on the shared monotonic clock (`Instant`). `cq/store_to_seen` is the same with a bare
@@ -15,7 +24,8 @@
 //!
 //! For the throughput ratio the bench first prints the median ratio of 21 alternating runs
 //! of each (completion queue against each baseline), steadier than criterion's figures
-//! taken a minute apart on a shared machine.
+//! taken a minute apart on a shared machine, and the same pairing of ArrayQueue against
+//! itself: how far the load alone moves such a ratio.
 //!
 //! `BPS_BENCH_CQ_MSGS` sets the messages per round (default 65536).
 //!
@@ -24,7 +34,7 @@
 use std::cell::RefCell;
 use std::hint::{black_box, spin_loop};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -130,6 +140,63 @@ fn array_queue_round(producers: usize, msgs: usize) -> Duration {
     )
 }
 
+/// An operation's shared state in the `array_queue_handles` baseline: the status word a
+/// handle would poll (and a waiter would sleep on) and the operation id.
+struct OpState {
+    state: AtomicU32,
+    id: u64,
+}
+
+/// Set in `OpState::state` by a waiter about to sleep (never, in this bench).
+const OP_WAITERS: u32 = 0b100;
+
+thread_local! {
+    /// The `array_queue_handles` consumer's output, kept between rounds like `DRAINED`.
+    static POPPED: RefCell<Vec<Arc<OpState>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// One round of the same work as `cq_round` built from a `crossbeam_queue::ArrayQueue`
+/// (big enough never to be full) of `Arc`s: publish the status with a waiter-aware `swap`,
+/// push the operation; pop it into a `Vec`. Allocating the states is set-up, and the popped
+/// `Arc`s are dropped after the clock stops, as for the completion queue.
+fn array_queue_handles_round(producers: usize, msgs: usize) -> Duration {
+    let q = ArrayQueue::<Arc<OpState>>::new(msgs.max(1));
+    let lists = split(msgs, producers, |id| {
+        Arc::new(OpState {
+            state: AtomicU32::new(0),
+            id,
+        })
+    });
+    POPPED.with_borrow_mut(|out| {
+        out.reserve(msgs);
+        let elapsed = timed(
+            producers,
+            msgs,
+            lists,
+            |list| {
+                for op in list {
+                    if op.state.swap(1, Ordering::Release) & OP_WAITERS != 0 {
+                        unreachable!("nobody waits in this bench (a futex wake would go here)");
+                    }
+                    if q.push(op).is_err() {
+                        unreachable!("the queue holds every message");
+                    }
+                }
+            },
+            || {
+                q.pop().map_or(0, |op| {
+                    out.push(op);
+                    1
+                })
+            },
+        );
+        assert_eq!(out.len(), msgs);
+        assert!(out.iter().all(|op| op.id < msgs as u64));
+        out.clear();
+        elapsed
+    })
+}
+
 /// One round through `std::sync::mpsc` (unbounded), the consumer polling with `try_recv`.
 fn mpsc_round(producers: usize, msgs: usize) -> Duration {
     let (tx, rx) = mpsc::channel::<u64>();
@@ -175,9 +242,10 @@ fn bench_throughput(c: &mut Criterion) {
         .sampling_mode(SamplingMode::Flat)
         .sample_size(20)
         .throughput(Throughput::Elements(msgs as u64));
-    let kinds: [(&str, Round); 3] = [
+    let kinds: [(&str, Round); 4] = [
         ("completion_queue", cq_round),
         ("array_queue", array_queue_round),
+        ("array_queue_handles", array_queue_handles_round),
         ("mpsc", mpsc_round),
     ];
     let pairs = if full_run() { 21 } else { 3 };
@@ -185,6 +253,13 @@ fn bench_throughput(c: &mut Criterion) {
         .into_iter()
         .filter(|_| summaries_wanted() || !full_run())
     {
+        // The noise floor: the same pairing of ArrayQueue against itself. Its spread around 1
+        // is how far a ratio below can move with the load alone.
+        let p = paired(pairs, |_| array_queue_round(producers, msgs));
+        println!(
+            "paired {producers} producer(s): noise check, array_queue against itself, ratio {:.2}",
+            p.speed_ratio,
+        );
         for (name, round) in &kinds[1..] {
             let p = paired(pairs, |side| match side {
                 Side::Base => round(producers, msgs),
@@ -193,7 +268,7 @@ fn bench_throughput(c: &mut Criterion) {
             println!(
                 "paired {producers} producer(s): completion_queue {:.2} Melem/s, {name} {:.2} \
                  Melem/s, ratio {:.2} (median of {pairs} alternating pairs; target >= 1 vs \
-                 array_queue)",
+                 array_queue; array_queue_handles does the same work as the completion queue)",
                 msgs as f64 / p.subject.as_secs_f64() / 1e6,
                 msgs as f64 / p.base.as_secs_f64() / 1e6,
                 p.speed_ratio,

@@ -32,8 +32,6 @@ use crate::{
 const WAKER: Token = Token(usize::MAX - 1);
 const TCP_LISTENER: Token = Token(usize::MAX - 2);
 const UNIX_LISTENER: Token = Token(usize::MAX - 3);
-// rdma: the completion channel of the RDMA backend.
-const RDMA_CQ: Token = Token(usize::MAX - 4);
 const RX_BUF: usize = 64 << 10;
 /// Payload remainders at least this large are read straight into their destination.
 const DIRECT_READ: usize = 16 << 10;
@@ -416,14 +414,14 @@ impl Net {
             h.write_u32(std::process::id());
             h.finish() | 1
         };
-        // rdma: probe the device (when rdma is forced or automatic) and watch its completion channel.
+        // rdma: probe the device (when rdma is forced or automatic) and start its completion
+        // poller thread, which wakes this loop through the waker.
         let rdma = crate::rdma::Engine::new(
             &cfg.rdma,
             cfg.force,
             cfg.queue_depth,
             cfg.max_msg,
-            poll.registry(),
-            RDMA_CQ,
+            waker.clone(),
         );
         Ok(Net {
             rdma,
@@ -1801,7 +1799,7 @@ impl Transport for Net {
             let d = t.saturating_duration_since(Instant::now());
             timeout = Some(timeout.map_or(d, |x| x.min(d)));
         }
-        // rdma: before sleeping, busy-poll briefly, then arm the completion queues.
+        // rdma: before sleeping, tell the completion poller to wake us (unless completions wait).
         if timeout != Some(Duration::ZERO) && !self.rdma.prepare_sleep() {
             timeout = Some(Duration::ZERO);
         }
@@ -1825,7 +1823,6 @@ impl Transport for Net {
         for (tok, readable, writable, error) in ready {
             match tok {
                 WAKER => {}
-                RDMA_CQ => self.rdma.on_channel_ready(), // rdma:
                 TCP_LISTENER => self.accept_tcp(),
                 UNIX_LISTENER => self.accept_unix(),
                 Token(slot) => {
@@ -1906,7 +1903,7 @@ impl Transport for Net {
                 }
             }
         }
-        // rdma: what the completion queues got meanwhile.
+        // rdma: the completions the poller handed over meanwhile.
         self.rdma.poll(&mut self.local);
         self.rdma_settle();
         events.extend(self.local.drain(..));

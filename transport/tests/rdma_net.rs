@@ -543,3 +543,305 @@ fn net_write_throughput_rdma_vs_tcp() {
         drop((a, b));
     }
 }
+
+/// Writes one `len`-byte write from `s` to `d` (at `offset`, immediate `imm`) and pumps both
+/// sides until it was received and completed.
+#[allow(clippy::too_many_arguments)]
+fn write_and_wait(
+    a: &mut Net,
+    ea: &mut Vec<Event>,
+    b: &mut Net,
+    eb: &mut Vec<Event>,
+    s: u64,
+    d: u64,
+    offset: u64,
+    len: u64,
+    imm: u32,
+) {
+    a.try_write_imm(
+        PeerId(1),
+        0,
+        s,
+        offset,
+        len,
+        RemoteSlice { token: d, offset },
+        imm,
+        u64::from(imm),
+    )
+    .expect("write");
+    let end = Instant::now() + Duration::from_secs(20);
+    let (mut done, mut got) = (false, false);
+    while !(done && got) {
+        assert!(Instant::now() < end, "write {imm}: {ea:?} / {eb:?}");
+        pump(a, ea, b, eb);
+        done |= ea
+            .drain(..)
+            .any(|e| matches!(e, Event::WriteDone { wr_id, .. } if wr_id == u64::from(imm)));
+        got |= eb
+            .drain(..)
+            .any(|e| matches!(e, Event::WriteReceived { imm: i, .. } if i == imm));
+    }
+}
+
+/// Once the peer knows a destination (token, offset, length, immediate), a write to it is one
+/// WRITE_WITH_IMM: no descriptor, no definition; writes queued while others are in flight go
+/// out in batches with one signaled request per batch (or per `SIGNAL_EVERY`).
+#[test]
+fn steady_writes_are_one_request_each_posted_in_batches() {
+    if !have_device() {
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    const LEN: usize = 4096;
+    let mut src = vec![9u8; LEN].into_boxed_slice();
+    let mut dst = vec![0u8; LEN].into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (dropped explicitly first).
+    let (s, d) = unsafe {
+        (
+            a.register(src.as_mut_ptr(), LEN).expect("register"),
+            b.register(dst.as_mut_ptr(), LEN).expect("register"),
+        )
+    };
+    // The first write resolves the token and defines the destination.
+    write_and_wait(
+        &mut a, &mut ea, &mut b, &mut eb, s.token, d.token, 0, LEN as u64, 7,
+    );
+    let before = a.rdma_stats();
+    const N: u64 = 300;
+    let (mut posted, mut done, mut got) = (0u64, 0u64, 0u64);
+    let end = Instant::now() + Duration::from_secs(120);
+    while done < N || got < N {
+        while posted < N {
+            match a.try_write_imm(
+                PeerId(1),
+                0,
+                s.token,
+                0,
+                LEN as u64,
+                RemoteSlice {
+                    token: d.token,
+                    offset: 0,
+                },
+                7,
+                1000 + posted,
+            ) {
+                Ok(()) => posted += 1,
+                Err(e) if e.is_busy() => break,
+                Err(e) => panic!("write {posted}: {e}"),
+            }
+        }
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        done += ea
+            .drain(..)
+            .filter(|e| matches!(e, Event::WriteDone { wr_id, .. } if *wr_id >= 1000))
+            .count() as u64;
+        for e in eb.drain(..) {
+            if let Event::WriteReceived {
+                imm,
+                token,
+                offset,
+                len,
+                ..
+            } = e
+            {
+                assert_eq!((imm, token, offset, len), (7, d.token, 0, LEN as u64));
+                got += 1;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "{N} writes did not finish: {done} done, {got} received"
+        );
+    }
+    let after = a.rdma_stats();
+    let diff = |f: fn(&rdma::RdmaStats) -> u64| f(&after) - f(&before);
+    let (wrs, signaled, posts) = (
+        diff(|s| s.send_requests),
+        diff(|s| s.signaled_requests),
+        diff(|s| s.post_calls),
+    );
+    eprintln!(
+        "{N} writes: {wrs} work requests in {posts} posts, {signaled} signaled; {} \
+         completions, {} wake-ups of the event loop, {} sleeps of the poller",
+        diff(|s| s.completions),
+        diff(|s| s.poller_wakeups),
+        diff(|s| s.poller_sleeps)
+    );
+    assert_eq!(
+        diff(|s| s.dest_defines),
+        0,
+        "no definition for a known destination"
+    );
+    assert_eq!(wrs, N, "one work request per write");
+    assert!(posts < N, "writes queued behind others are posted together");
+    assert!(signaled < N, "not every request is signaled");
+    assert!(
+        signaled >= N / u64::from(32u32),
+        "at least every 32nd request is signaled"
+    );
+    assert!(dst.iter().all(|x| *x == 9));
+    drop((a, b));
+}
+
+/// More distinct destinations than the destination table holds: slots are reused, and every
+/// write is still reported with its own immediate, offset and length.
+#[test]
+fn destination_table_reuses_slots() {
+    if !have_device() {
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    const N: u64 = 4096 + 300;
+    const LEN: usize = (N * 8) as usize;
+    let mut src: Box<[u8]> = (0..LEN).map(|i| (i / 8) as u8 ^ (i as u8)).collect();
+    let mut dst = vec![0u8; LEN].into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (dropped explicitly first).
+    let (s, d) = unsafe {
+        (
+            a.register(src.as_mut_ptr(), LEN).expect("register"),
+            b.register(dst.as_mut_ptr(), LEN).expect("register"),
+        )
+    };
+    write_and_wait(&mut a, &mut ea, &mut b, &mut eb, s.token, d.token, 0, 8, 0);
+    let before = a.rdma_stats();
+    let (mut posted, mut done, mut got) = (1u64, 1u64, 1u64);
+    let end = Instant::now() + Duration::from_secs(180);
+    while done < N || got < N {
+        while posted < N {
+            let off = posted * 8;
+            match a.try_write_imm(
+                PeerId(1),
+                0,
+                s.token,
+                off,
+                8,
+                RemoteSlice {
+                    token: d.token,
+                    offset: off,
+                },
+                posted as u32,
+                posted,
+            ) {
+                Ok(()) => posted += 1,
+                Err(e) if e.is_busy() => break,
+                Err(e) => panic!("write {posted}: {e}"),
+            }
+        }
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        done += ea
+            .drain(..)
+            .filter(|e| matches!(e, Event::WriteDone { .. }))
+            .count() as u64;
+        for e in eb.drain(..) {
+            if let Event::WriteReceived {
+                imm, offset, len, ..
+            } = e
+            {
+                assert_eq!(
+                    (u64::from(imm), offset, len),
+                    (got, got * 8, 8),
+                    "write {got} reported in order, with its own destination"
+                );
+                got += 1;
+            }
+        }
+        assert!(
+            Instant::now() < end,
+            "{N} writes did not finish: {done} done, {got} received"
+        );
+    }
+    assert_eq!(
+        a.rdma_stats().dest_defines - before.dest_defines,
+        N - 1,
+        "one definition per new destination"
+    );
+    assert!(dst == src, "every write landed");
+    drop((a, b));
+}
+
+/// An event loop blocked in `poll` with a long timeout is woken by the poller thread as soon as
+/// a write lands (the completion does not wait for the timeout).
+#[test]
+fn blocked_poll_wakes_on_completion() {
+    if !have_device() {
+        return;
+    }
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    let mut src = vec![1u8; 4096].into_boxed_slice();
+    let mut dst = vec![0u8; 4096].into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (`src` travels with `a` and comes back with it;
+    // both Nets are dropped before the buffers).
+    let (s, d) = unsafe {
+        (
+            a.register(src.as_mut_ptr(), 4096).expect("register"),
+            b.register(dst.as_mut_ptr(), 4096).expect("register"),
+        )
+    };
+    write_and_wait(
+        &mut a, &mut ea, &mut b, &mut eb, s.token, d.token, 0, 4096, 1,
+    );
+    let wakeups = b.rdma_stats().poller_wakeups;
+    // The write is issued from another thread once `b` sleeps in `poll`.
+    let writer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        a.try_write_imm(
+            PeerId(1),
+            0,
+            s.token,
+            0,
+            4096,
+            RemoteSlice {
+                token: d.token,
+                offset: 0,
+            },
+            2,
+            2,
+        )
+        .expect("write");
+        let end = Instant::now() + Duration::from_secs(20);
+        let mut ea = Vec::new();
+        while !ea
+            .iter()
+            .any(|e| matches!(e, Event::WriteDone { wr_id: 2, .. }))
+        {
+            assert!(Instant::now() < end, "no WriteDone: {ea:?}");
+            a.poll(&mut ea, Some(Duration::from_millis(10)))
+                .expect("poll");
+        }
+        (a, src)
+    });
+    let start = Instant::now();
+    let mut waits = 0;
+    while !eb
+        .iter()
+        .any(|e| matches!(e, Event::WriteReceived { imm: 2, .. }))
+    {
+        assert!(waits < 3, "no WriteReceived after {waits} polls of 10 s");
+        b.poll(&mut eb, Some(Duration::from_secs(10)))
+            .expect("poll");
+        waits += 1;
+    }
+    let took = start.elapsed();
+    let (a, src) = writer.join().expect("the writer thread");
+    eprintln!(
+        "woken after {took:?} (the write was issued after 300 ms); wake-ups of the event loop \
+         {wakeups} -> {}",
+        b.rdma_stats().poller_wakeups
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the blocked poll waited {took:?} for a landed write"
+    );
+    assert!(
+        b.rdma_stats().poller_wakeups > wakeups,
+        "woken by the poller thread"
+    );
+    drop((a, b));
+    drop((src, dst));
+}

@@ -2,12 +2,14 @@
 //!
 //! A seeded generator draws a pool of tensors, as a model has: sizes from one element up to
 //! `--max-bytes` (log-uniform, so most are odd sizes, with the smallest and the largest always
-//! in), dtypes from `--dtype`. Each step then draws 1..=`--tensors` distinct tensors of the
-//! pool, their order, a priority each and whether the sum is averaged, submits them all at once,
-//! waits for them and compares every result bit for bit with the expected sum (the sweep's
-//! `--check`: every worker recomputes every other worker's input). Rank 0 picks the seed (from
-//! `--seed`, else the clock), prints it and broadcasts it, so every worker draws the same
-//! sequence and calls push_pull on the same tensors in the same order.
+//! in), dtypes from `--dtype`. Every tensor is first used once on its own (placement and key
+//! set-up), then each step draws 1..=`--tensors` distinct tensors of the pool, a priority each
+//! and whether the sum is averaged, submits them all (in the drawn order, or with
+//! `--submit by-priority` highest priority first), waits for them and compares every result
+//! bit for bit with the expected sum (the sweep's `--check`: every worker recomputes every other
+//! worker's input). Rank 0 picks the seed (from `--seed`, else the clock), prints it and
+//! broadcasts it, so every worker draws the same sequence and calls push_pull on the same
+//! tensors in the same order.
 //!
 //! The run ends together: after each step every worker adds 1 to a one-element stop tensor
 //! once its own `--duration` is over, and all stop when the sum is not zero. A mismatch does not
@@ -211,6 +213,8 @@ impl Checker<'_> {
     /// `iter` selects the inputs (with the tensor's index), as the sweep's iteration does.
     fn ops(&self, ops: &[Op], iter: u32, tot: &mut Totals) -> Result<(), String> {
         let rank = self.rank;
+        // Each input is made just before its submission: the tensors come one after another,
+        // as a backward pass hands over gradients, not all at once.
         let mut pending = Vec::with_capacity(ops.len());
         for op in ops {
             let t = &self.pool[op.tensor];
@@ -330,16 +334,25 @@ fn run(bps: &Bps, args: &SoakArgs, duration: Duration, max_bytes: usize) -> Resu
     };
     let mut tot = Totals::default();
     bps.barrier().map_err(e)?;
+    let first_use = Instant::now();
     // First use of every tensor, one at a time: placement and key set-up happen here, before
     // the steps put several tensors in flight (iteration 0 of the inputs).
-    for tensor in 0..pool.len() {
+    for (tensor, t) in pool.iter().enumerate() {
         let op = Op {
             tensor,
             priority: 0,
             average: false,
         };
         ck.ops(&[op], 0, &mut tot)
-            .map_err(|err| format!("first use of {}: {err}", pool[tensor].name))?;
+            .map_err(|err| format!("first use of {}: {err}", t.name))?;
+    }
+    if rank == 0 {
+        println!(
+            "soak: first use of the {} tensors, one at a time: {:.1} s",
+            pool.len(),
+            first_use.elapsed().as_secs_f64()
+        );
+        let _ = std::io::stdout().flush();
     }
     let start = Instant::now();
     let mut next_report = Duration::from_secs(args.report);

@@ -2,17 +2,29 @@
 //! it (see the protocol in the module docs of [`crate::rdma`]), registration of regions with the
 //! NIC, and the translation of completions into [`Event`]s. `Net` owns one and calls it from a
 //! handful of places marked `// rdma:` in `net.rs`.
+//!
+//! Posting: operations accepted by `try_send` / `try_write_imm` are posted at once when the
+//! link's send queue is idle, otherwise at the next `poll`, together with everything queued
+//! meanwhile: one `ibv_post_send` per link and round, every [`SIGNAL_EVERY`]th request and the
+//! last of each post signaled. Completions come from the [`Poller`] thread.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
-use mio::unix::SourceFd;
-use mio::{Interest, Registry, Token};
-
+use super::poller::{Polled, Poller};
 use super::verbs::{Completion, Context, MemoryRegion, QueuePair, WorkRequest};
-use super::wire::{self, Handshake, Send};
+use super::wire::{self, Dest, Handshake, Send};
 use super::{RdmaConfig, RdmaStats};
 use crate::{Error, Event, LinkKind, PeerId, RemoteSlice, Result};
+
+/// Slots of a link's destination table (each end keeps its half): the immediate of a
+/// WRITE_WITH_IMM names a slot, which a `Define` message set to (token, offset, len, caller's
+/// immediate) before. Beyond this many distinct destinations, slots are reused round-robin.
+pub(crate) const DEST_SLOTS: u32 = 4096;
+/// At most this many unsignaled work requests in a row (selective signaling); the last request
+/// of every post is signaled too, so that every operation completes without waiting for more.
+pub(crate) const SIGNAL_EVERY: u32 = 32;
 
 /// Where the RDMA side of a peer stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,13 +65,15 @@ enum Op {
         wr_id: u64,
         /// Key of the source's memory region in `Engine::mrs` (one reference held by this op).
         mr_key: (u64, usize),
-        desc_posted: bool,
+        /// The destination-table slot its WRITE_WITH_IMM names, once chosen (and defined).
+        slot: Option<u32>,
         /// Payload bytes posted.
         posted: u64,
     },
 }
 
-/// What a posted send-queue entry means; completions come back in posting order (RC).
+/// What a posted send-queue entry means. Completions come back in posting order (RC); one of a
+/// signaled request retires it and every unsignaled request posted before it.
 enum Inflight {
     /// A send buffer slot (message fragment, descriptor or control message).
     Slot {
@@ -96,6 +110,8 @@ impl Pool {
 }
 
 struct Link {
+    /// Names this link's CQ to the poller (0: no QP yet).
+    id: u32,
     state: State,
     reason: Option<String>,
     // Field order is drop order: the QP (and with it every request the NIC might still process)
@@ -103,6 +119,7 @@ struct Link {
     qp: Option<QueuePair>,
     pool: Option<Pool>,
     free_send: Vec<u32>,
+    /// Send-queue entries not taken by a posted, unretired request.
     sq_free: u32,
     seq: u64,
     inflight: VecDeque<(u64, Inflight)>,
@@ -111,12 +128,21 @@ struct Link {
     outstanding: usize,
     remote: HashMap<u64, Remote>,
     rx_msg: Option<(u32, Vec<u8>)>,
-    descs: VecDeque<(u64, u64, u64)>,
+    /// Sender half of the destination table: slot of each destination, destination of each slot,
+    /// the next slot to reuse once all are taken.
+    tx_dest: HashMap<Dest, u32>,
+    tx_slots: Vec<Dest>,
+    tx_hand: u32,
+    /// Receiver half: what the peer defined for each slot.
+    rx_dest: Vec<Option<Dest>>,
+    /// Receive slots consumed, to give back to the NIC in one post.
+    reposts: Vec<u32>,
 }
 
 impl Link {
     fn new(state: State) -> Link {
         Link {
+            id: 0,
             state,
             reason: None,
             qp: None,
@@ -130,12 +156,42 @@ impl Link {
             outstanding: 0,
             remote: HashMap::new(),
             rx_msg: None,
-            descs: VecDeque::new(),
+            tx_dest: HashMap::new(),
+            tx_slots: Vec::new(),
+            tx_hand: 0,
+            rx_dest: Vec::new(),
+            reposts: Vec::new(),
         }
     }
 
     fn claims(&self) -> bool {
         self.state != State::Tcp
+    }
+
+    /// Whether something waits to be posted (or given back to the receive queue).
+    fn has_work(&self) -> bool {
+        self.qp.is_some()
+            && (!self.ops.is_empty() || !self.ctrl.is_empty() || !self.reposts.is_empty())
+    }
+
+    /// The destination-table slot for `d`: the one it has, or a new one (reusing the oldest
+    /// when the table is full). Returns (slot, whether it must be defined first).
+    fn dest_slot(&mut self, d: Dest) -> (u32, bool) {
+        if let Some(&i) = self.tx_dest.get(&d) {
+            return (i, false);
+        }
+        let i = if (self.tx_slots.len() as u32) < DEST_SLOTS {
+            self.tx_slots.push(d);
+            self.tx_slots.len() as u32 - 1
+        } else {
+            let i = self.tx_hand;
+            self.tx_hand = (i + 1) % DEST_SLOTS;
+            let old = std::mem::replace(&mut self.tx_slots[i as usize], d);
+            self.tx_dest.remove(&old);
+            i
+        };
+        self.tx_dest.insert(d, i);
+        (i, true)
     }
 }
 
@@ -171,6 +227,8 @@ struct MrEntry {
 
 /// The RDMA side of a `Net`.
 pub(crate) struct Engine {
+    // Field order is drop order: the poller thread is stopped and joined first.
+    poller: Option<Poller>,
     ctx: Option<Context>,
     /// Why RDMA is off in this process (device probe, or configuration).
     reason: String,
@@ -188,7 +246,12 @@ pub(crate) struct Engine {
     lost: Vec<(PeerId, String)>,
     replay: Vec<(PeerId, Vec<Replay>)>,
     events: VecDeque<Event>,
-    scratch: Vec<Completion>,
+    /// Link id -> peer, for the poller's completions.
+    by_id: HashMap<u32, PeerId>,
+    next_id: u32,
+    scratch: Vec<Polled>,
+    wrs: Vec<WorkRequest>,
+    peers: Vec<PeerId>,
 }
 
 // SAFETY: the raw pointers in `regions` are ranges the registrant promised (unsafe
@@ -199,20 +262,20 @@ unsafe impl std::marker::Send for Engine {}
 const RETIRED_MAX: usize = 1 << 16;
 
 impl Engine {
-    /// Probes the device when `force` asks for RDMA or leaves the choice automatic, and registers
-    /// the completion channel with `registry` under `token`. Never fails: without a device the
-    /// engine is off (one log line says why) and every peer uses tcp.
+    /// Probes the device when `force` asks for RDMA or leaves the choice automatic, and starts
+    /// the completion poller thread, which wakes the event loop through `waker`. Never fails:
+    /// without a device the engine is off (one log line says why) and every peer uses tcp.
     pub(crate) fn new(
         cfg: &RdmaConfig,
         force: Option<LinkKind>,
         queue_depth: usize,
         max_msg: usize,
-        registry: &Registry,
-        token: Token,
+        waker: Arc<mio::Waker>,
     ) -> Engine {
         let forced = force == Some(LinkKind::Rdma);
         let want = matches!(force, None | Some(LinkKind::Rdma));
         let mut e = Engine {
+            poller: None,
             ctx: None,
             reason: String::new(),
             want,
@@ -228,7 +291,11 @@ impl Engine {
             lost: Vec::new(),
             replay: Vec::new(),
             events: VecDeque::new(),
+            by_id: HashMap::new(),
+            next_id: 1,
             scratch: Vec::new(),
+            wrs: Vec::new(),
+            peers: Vec::new(),
         };
         if !want {
             e.reason = format!(
@@ -238,18 +305,16 @@ impl Engine {
             return e;
         }
         match Context::open(&e.cfg) {
-            Ok(ctx) => {
-                let fd: RawFd = ctx.channel_fd();
-                match registry.register(&mut SourceFd(&fd), token, Interest::READABLE) {
-                    Ok(()) => {
-                        tracing::info!("rdma: using {}", ctx.summary());
-                        e.ctx = Some(ctx);
-                    }
-                    Err(err) => {
-                        e.reason = format!("cannot watch the completion channel: {err}");
-                    }
+            Ok(ctx) => match Poller::start(ctx.channel(), waker, e.cfg.busy_poll) {
+                Ok(p) => {
+                    tracing::info!("rdma: using {}", ctx.summary());
+                    e.poller = Some(p);
+                    e.ctx = Some(ctx);
                 }
-            }
+                Err(err) => {
+                    e.reason = format!("cannot start the completion poller thread: {err}");
+                }
+            },
             Err(err) => {
                 e.reason = match err {
                     Error::Unsupported { reason, .. } => reason,
@@ -275,6 +340,12 @@ impl Engine {
     pub(crate) fn stats(&self) -> RdmaStats {
         let mut s = self.stats;
         s.registered_bytes = self.ctx.as_ref().map_or(0, Context::registered_bytes);
+        if let Some(p) = &self.poller {
+            let c = p.counters();
+            s.completions = c.completions.load(Ordering::Relaxed);
+            s.poller_wakeups = c.wakeups.load(Ordering::Relaxed);
+            s.poller_sleeps = c.sleeps.load(Ordering::Relaxed);
+        }
         s
     }
 
@@ -400,10 +471,16 @@ impl Engine {
             return;
         };
         link.state = State::Tcp;
-        link.qp = None;
+        if link.qp.take().is_some() {
+            self.by_id.remove(&link.id);
+            if let Some(p) = &self.poller {
+                p.unwatch(link.id);
+            }
+        }
         link.pool = None;
         link.inflight.clear();
         link.ctrl.clear();
+        link.reposts.clear();
         let ops: Vec<Op> = link.ops.drain(..).collect();
         link.outstanding = 0;
         let mut out = Vec::with_capacity(ops.len());
@@ -460,8 +537,14 @@ impl Engine {
         }
         link.state = State::Dead;
         link.reason.get_or_insert_with(|| reason.to_string());
-        link.qp = None;
+        if link.qp.take().is_some() {
+            self.by_id.remove(&link.id);
+            if let Some(p) = &self.poller {
+                p.unwatch(link.id);
+            }
+        }
         link.pool = None;
+        link.reposts.clear();
         let mut keys = Vec::new();
         for (_, f) in link.inflight.drain(..) {
             if let Inflight::Final { mr_key, .. } = f {
@@ -514,6 +597,13 @@ impl Engine {
         let mr = unsafe { ctx.register(mem.as_ptr() as *mut u8, mem.len()) }?;
         let mut qp = ctx.create_qp(send, recv)?;
         let pool = Pool { mr, mem, chunk };
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        if let Some(p) = &self.poller {
+            p.watch(id, qp.cq());
+        }
+        self.by_id.insert(id, peer);
+        link.id = id;
         let bufs: Vec<(u64, u32, u64, u32)> = (0..recv)
             .map(|s| (u64::from(s), pool.mr.lkey(), pool.addr(s), chunk as u32))
             .collect();
@@ -646,7 +736,7 @@ impl Engine {
         });
         link.outstanding += 1;
         self.stats.messages_posted += 1;
-        self.pump(peer);
+        self.post_if_idle(peer);
         Some(Ok(()))
     }
 
@@ -682,66 +772,100 @@ impl Engine {
             imm,
             wr_id,
             mr_key,
-            desc_posted: false,
+            slot: None,
             posted: 0,
         });
         link.outstanding += 1;
-        self.pump(peer);
+        self.post_if_idle(peer);
         Some(Ok(()))
+    }
+
+    /// Posts at once when nothing of the link is in flight (latency); otherwise the operation
+    /// waits for the next `poll`, which posts everything queued meanwhile in one go.
+    fn post_if_idle(&mut self, peer: PeerId) {
+        if self.links.get(&peer).is_some_and(|l| l.inflight.is_empty()) {
+            self.pump(peer);
+        }
     }
 
     // ---------------------------------------------------------------------------- completions
 
-    /// Whether any link has a queue pair (something to poll).
-    pub(crate) fn has_links(&self) -> bool {
-        self.links.values().any(|l| l.qp.is_some()) || !self.events.is_empty()
-    }
-
-    /// Drains every queue pair's completions; appends the resulting events to `out`.
+    /// Takes the completions the poller handed over, turns them into events (appended to
+    /// `out`), gives receive buffers back and posts what waits.
     pub(crate) fn poll(&mut self, out: &mut VecDeque<Event>) {
         self.poll_internal();
         out.extend(self.events.drain(..));
     }
 
     fn poll_internal(&mut self) {
-        if self.ctx.is_none() {
+        let Some(poller) = &self.poller else {
             return;
+        };
+        poller.unpark();
+        let mut got = std::mem::take(&mut self.scratch);
+        got.clear();
+        poller.drain(&mut got);
+        for p in got.drain(..) {
+            self.on_polled(p);
         }
-        let peers: Vec<PeerId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.qp.is_some())
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in peers {
-            self.poll_link(peer);
+        self.scratch = got;
+        let mut peers = std::mem::take(&mut self.peers);
+        peers.clear();
+        peers.extend(
+            self.links
+                .iter()
+                .filter(|(_, l)| l.has_work())
+                .map(|(p, _)| *p),
+        );
+        for &peer in &peers {
+            self.repost(peer);
+            self.pump(peer);
         }
+        self.peers = peers;
     }
 
-    fn poll_link(&mut self, peer: PeerId) {
-        const BATCH: usize = 64;
-        loop {
-            let mut comps = std::mem::take(&mut self.scratch);
-            comps.clear();
-            let polled = match self.links.get(&peer).and_then(|l| l.qp.as_ref()) {
-                Some(qp) => qp.poll(&mut comps, BATCH),
-                None => return,
-            };
-            let n = match polled {
-                Ok(n) => n,
-                Err(e) => {
-                    self.fail(peer, format!("RDMA link to peer {peer}: {e}"));
-                    return;
-                }
-            };
-            for c in comps.drain(..) {
-                self.on_completion(peer, c);
-            }
-            self.scratch = comps;
-            self.pump(peer);
-            if n < BATCH {
-                return;
-            }
+    fn on_polled(&mut self, p: Polled) {
+        let Some(&peer) = self.by_id.get(&p.link) else {
+            return; // a link that is gone
+        };
+        if p.failed {
+            self.fail(
+                peer,
+                format!("RDMA link to peer {peer}: its completion queue failed"),
+            );
+            return;
+        }
+        self.on_completion(peer, p.c);
+    }
+
+    /// Gives the consumed receive buffers of `peer` back to the NIC, in one post.
+    fn repost(&mut self, peer: PeerId) {
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        if link.reposts.is_empty() {
+            return;
+        }
+        let (Some(qp), Some(pool)) = (link.qp.as_mut(), link.pool.as_ref()) else {
+            link.reposts.clear();
+            return;
+        };
+        let bufs: Vec<(u64, u32, u64, u32)> = link
+            .reposts
+            .drain(..)
+            .map(|slot| {
+                (
+                    u64::from(slot),
+                    pool.mr.lkey(),
+                    pool.addr(slot),
+                    pool.chunk as u32,
+                )
+            })
+            .collect();
+        // SAFETY: every slot is inside the pool's registered region, and the engine does not
+        // touch it until its next completion; the pool outlives the QP (Link field order).
+        if let Err(e) = unsafe { qp.post_recv(&bufs) } {
+            self.fail(peer, format!("RDMA link to peer {peer}: {e}"));
         }
     }
 
@@ -762,37 +886,20 @@ impl Engine {
             }
             let slot = c.wr_id as u32;
             self.on_recv(peer, slot, &c);
-            // Give the buffer back to the NIC, unless the link died meanwhile.
+            // The buffer goes back to the NIC after this batch, unless the link died meanwhile.
             if let Some(link) = self.links.get_mut(&peer) {
-                if let (Some(qp), Some(pool)) = (link.qp.as_mut(), link.pool.as_ref()) {
-                    let buf = (
-                        u64::from(slot),
-                        pool.mr.lkey(),
-                        pool.addr(slot),
-                        pool.chunk as u32,
-                    );
-                    // SAFETY: the slot is inside the pool's registered region, and the engine
-                    // does not touch it until its next completion; the pool outlives the QP.
-                    if let Err(e) = unsafe { qp.post_recv(&[buf]) } {
-                        self.fail(peer, format!("RDMA link to peer {peer}: {e}"));
-                    }
+                if link.qp.is_some() {
+                    link.reposts.push(slot);
                 }
             }
             return;
         }
-        let Some((_seq, what)) = link.inflight.pop_front() else {
-            self.fail(
-                peer,
-                format!("RDMA link to peer {peer}: a completion without a request"),
-            );
-            return;
-        };
-        link.sq_free += 1;
         if !c.is_ok() {
-            let what = match what {
-                Inflight::Slot { ready: true, .. } => "the first message (READY)",
-                Inflight::Slot { .. } => "a SEND",
-                Inflight::Chunk | Inflight::Final { .. } => "an RDMA WRITE",
+            let what = match link.inflight.iter().find(|(s, _)| *s == c.wr_id) {
+                Some((_, Inflight::Slot { ready: true, .. })) => "the first message (READY)",
+                Some((_, Inflight::Slot { .. })) => "a SEND",
+                Some((_, Inflight::Chunk | Inflight::Final { .. })) => "an RDMA WRITE",
+                None => "a request",
             };
             self.fail(
                 peer,
@@ -800,30 +907,47 @@ impl Engine {
             );
             return;
         }
-        match what {
-            Inflight::Slot {
-                slot,
-                op_done,
-                ready,
-            } => {
-                link.free_send.push(slot);
-                if op_done {
+        // A signaled request completed: it and every unsignaled one before it are done.
+        let mut retired = 0u32;
+        let mut release = Vec::new();
+        while link.inflight.front().is_some_and(|(s, _)| *s <= c.wr_id) {
+            let (_, what) = link.inflight.pop_front().expect("checked");
+            retired += 1;
+            match what {
+                Inflight::Slot {
+                    slot,
+                    op_done,
+                    ready,
+                } => {
+                    link.free_send.push(slot);
+                    if op_done {
+                        link.outstanding -= 1;
+                    }
+                    if ready && link.state == State::ReadySent {
+                        link.state = State::Up;
+                        self.events.push_back(Event::Connected {
+                            peer,
+                            kind: LinkKind::Rdma,
+                        });
+                    }
+                }
+                Inflight::Chunk => {}
+                Inflight::Final { wr_id, mr_key } => {
                     link.outstanding -= 1;
-                }
-                if ready && link.state == State::ReadySent {
-                    link.state = State::Up;
-                    self.events.push_back(Event::Connected {
-                        peer,
-                        kind: LinkKind::Rdma,
-                    });
+                    self.events.push_back(Event::WriteDone { peer, wr_id });
+                    release.push(mr_key);
                 }
             }
-            Inflight::Chunk => {}
-            Inflight::Final { wr_id, mr_key } => {
-                link.outstanding -= 1;
-                self.events.push_back(Event::WriteDone { peer, wr_id });
-                self.release_mr(mr_key);
-            }
+        }
+        link.sq_free += retired;
+        for k in release {
+            self.release_mr(k);
+        }
+        if retired == 0 {
+            self.fail(
+                peer,
+                format!("RDMA link to peer {peer}: a completion without a request"),
+            );
         }
     }
 
@@ -838,21 +962,27 @@ impl Engine {
             return;
         };
         if c.opcode == Completion::RECV_RDMA_WITH_IMM {
-            let Some((token, offset, len)) = link.descs.pop_front() else {
+            let d = c
+                .imm
+                .and_then(|i| link.rx_dest.get(i as usize).copied().flatten());
+            let Some(d) = d else {
                 self.protocol_error(
                     peer,
-                    "RDMA write with immediate without a descriptor".into(),
+                    format!(
+                        "RDMA write with immediate {:?} names no destination the peer defined",
+                        c.imm
+                    ),
                 );
                 return;
             };
             // A region deregistered meanwhile: the write is discarded.
-            if self.regions.contains_key(&token) {
+            if self.regions.contains_key(&d.token) {
                 self.events.push_back(Event::WriteReceived {
                     peer,
-                    imm: c.imm.unwrap_or(0),
-                    token,
-                    offset,
-                    len,
+                    imm: d.imm,
+                    token: d.token,
+                    offset: d.offset,
+                    len: d.len,
                 });
             }
             return;
@@ -862,8 +992,8 @@ impl Engine {
         };
         let off = slot as usize * pool.chunk;
         let n = (c.byte_len as usize).min(pool.chunk);
-        let bytes = pool.mem[off..off + n].to_vec();
-        let msg = match wire::decode(&bytes) {
+        let bytes = &pool.mem[off..off + n];
+        let msg = match wire::decode(bytes) {
             Ok(m) => m,
             Err(e) => {
                 self.protocol_error(peer, e);
@@ -888,48 +1018,82 @@ impl Engine {
                     self.events.push_back(Event::Message { peer, lane, data });
                 }
             }
-            Send::Desc {
+            Send::Define {
+                index,
+                imm,
                 token,
                 offset,
                 len,
                 no_data,
-            } => match self.regions.get(&token) {
-                Some(r) => {
-                    if offset.checked_add(len).is_none_or(|e| e > r.len as u64) || no_data {
-                        let e = Error::OutOfBounds {
-                            token,
-                            offset,
-                            len,
-                            region_len: r.len as u64,
-                        };
-                        self.protocol_error(peer, e.to_string());
-                    } else {
-                        link.descs.push_back((token, offset, len));
+            } => {
+                if index >= DEST_SLOTS {
+                    self.protocol_error(
+                        peer,
+                        format!("RDMA destination slot {index} (the table has {DEST_SLOTS})"),
+                    );
+                    return;
+                }
+                let d = Dest {
+                    token,
+                    offset,
+                    len,
+                    imm,
+                };
+                let keep = match self.regions.get(&token) {
+                    Some(r) => {
+                        if offset.checked_add(len).is_none_or(|e| e > r.len as u64) || no_data {
+                            let e = Error::OutOfBounds {
+                                token,
+                                offset,
+                                len,
+                                region_len: r.len as u64,
+                            };
+                            self.protocol_error(peer, e.to_string());
+                            return;
+                        }
+                        true
                     }
-                }
-                None if self.retired.0.contains(&token) => {
-                    if !no_data {
-                        link.descs.push_back((token, offset, len));
+                    // Deregistered: the write that follows is discarded.
+                    None if self.retired.0.contains(&token) => !no_data,
+                    None => {
+                        self.protocol_error(
+                            peer,
+                            format!("write to unknown memory token {token:#x}"),
+                        );
+                        return;
                     }
+                };
+                if keep {
+                    let i = index as usize;
+                    if link.rx_dest.len() <= i {
+                        link.rx_dest.resize(i + 1, None);
+                    }
+                    link.rx_dest[i] = Some(d);
                 }
-                None => {
-                    self.protocol_error(peer, format!("write to unknown memory token {token:#x}"))
-                }
-            },
+            }
             Send::Resolve { token } => {
                 if self.regions.contains_key(&token) {
                     match self.ensure_mr(token) {
                         Ok(key) => {
                             let r = &self.regions[&token];
                             let rkey = self.mrs.get(&key).map_or(0, |e| e.mr.rkey());
-                            let a = wire::encode_announce(token, r.ptr as u64, r.len as u64, rkey, wire::ANN_OK);
+                            let a = wire::encode_announce(
+                                token,
+                                r.ptr as u64,
+                                r.len as u64,
+                                rkey,
+                                wire::ANN_OK,
+                            );
                             if let Some(link) = self.links.get_mut(&peer) {
                                 link.ctrl.push_back(a.to_vec());
                             }
                         }
                         Err(e) => self.fail(
                             peer,
-                            format!("cannot register region {token:#x} for RDMA writes from peer {peer}: {e}"),
+                            format!(
+                                "cannot register region {token:#x} for RDMA writes from peer \
+                                 {peer}: {e}"
+                            ),
                         ),
                     }
                 } else if self.retired.0.contains(&token) {
@@ -967,66 +1131,42 @@ impl Engine {
         }
     }
 
-    /// Before `Net::poll` sleeps: spin for the busy-poll budget, then arm every completion queue
-    /// and look once more (a completion between the last poll and the arming raises no event).
-    /// Returns false when there is something to report (do not sleep).
+    /// Before `Net::poll` sleeps: returns false when there is something to report (do not
+    /// sleep); otherwise the poller thread wakes the loop at the next completion.
     pub(crate) fn prepare_sleep(&mut self) -> bool {
-        if !self.events.is_empty() {
+        if !self.events.is_empty() || !self.lost.is_empty() || !self.replay.is_empty() {
             return false;
         }
-        if !self.has_links() {
-            return true;
-        }
-        let budget = self.cfg.busy_poll;
-        if !budget.is_zero() {
-            let start = std::time::Instant::now();
-            while start.elapsed() < budget {
-                self.poll_internal();
-                if !self.events.is_empty() || !self.lost.is_empty() {
-                    return false;
-                }
-                std::hint::spin_loop();
-            }
-        }
-        let mut failed = Vec::new();
-        for (peer, link) in &self.links {
-            if let Some(qp) = &link.qp {
-                if let Err(e) = qp.arm() {
-                    failed.push((*peer, e.to_string()));
-                }
-            }
-        }
-        for (peer, e) in failed {
-            self.fail(peer, e);
-        }
-        self.poll_internal();
-        self.events.is_empty() && self.lost.is_empty() && self.replay.is_empty()
-    }
-
-    /// The completion channel is readable: consume its events (the completions themselves are
-    /// polled by `poll`).
-    pub(crate) fn on_channel_ready(&mut self) {
-        if let Some(ctx) = &self.ctx {
-            if let Err(e) = ctx.drain_channel() {
-                tracing::warn!("rdma: {e}");
-            }
+        match &self.poller {
+            Some(p) => p.park(),
+            None => true,
         }
     }
 
-    /// Posts what the link's resources allow: control messages first, then application
-    /// operations in order.
+    /// Posts what the link's resources allow, in one `ibv_post_send`: control messages first,
+    /// then application operations in order.
     fn pump(&mut self, peer: PeerId) {
         let max_wr = self
             .ctx
             .as_ref()
             .map_or(1 << 30, |c| c.summary().max_msg_bytes.clamp(4096, 1 << 30));
+        let every = SIGNAL_EVERY.min((self.cfg.send_depth / 4).max(1));
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
+        let mut wrs = std::mem::take(&mut self.wrs);
+        wrs.clear();
         let mut out = PumpOut::default();
-        let result = pump_link(link, peer, &self.mrs, max_wr, &mut out);
-        self.stats.resolves_sent += out.resolves;
-        self.stats.writes_posted += out.writes;
+        let result = fill_batch(link, peer, &self.mrs, max_wr, &mut wrs, &mut out)
+            .and_then(|()| post_batch(link, &wrs, every, &mut out));
+        self.wrs = wrs;
+        let s = &mut self.stats;
+        s.resolves_sent += out.resolves;
+        s.writes_posted += out.writes;
+        s.dest_defines += out.defines;
+        s.post_calls += out.posts;
+        s.send_requests += out.requests;
+        s.signaled_requests += out.signaled;
         for k in out.release {
             self.release_mr(k);
         }
@@ -1043,17 +1183,44 @@ struct PumpOut {
     release: Vec<(u64, usize)>,
     resolves: u64,
     writes: u64,
+    defines: u64,
+    posts: u64,
+    requests: u64,
+    signaled: u64,
 }
 
 fn has_room(link: &Link) -> bool {
     !link.free_send.is_empty() && link.sq_free > 0
 }
 
-fn pump_link(
+/// Posts `wrs` (built by `fill_batch`, already accounted for in `inflight`) in one call,
+/// signaling every `every`th request and the last one.
+fn post_batch(link: &mut Link, wrs: &[WorkRequest], every: u32, out: &mut PumpOut) -> Result<()> {
+    if wrs.is_empty() {
+        return Ok(());
+    }
+    let n = wrs.len();
+    let every = every.max(1) as usize;
+    let signaled = |i: usize| i + 1 == n || (i + 1).is_multiple_of(every);
+    let qp = link.qp.as_mut().expect("a link with requests has a QP");
+    // SAFETY: every request was built by `fill_batch` from a send slot of the link's registered
+    // pool (untouched until the request is retired) or from a source region an operation holds
+    // a reference on until its last request is retired; remote ranges are those the peer
+    // announced, checked against the announced length. The last request is signaled, so
+    // unsignaled ones are retired by a later completion.
+    unsafe { qp.post_send_with(wrs, signaled) }?;
+    out.posts += 1;
+    out.requests += n as u64;
+    out.signaled += (0..n).filter(|i| signaled(*i)).count() as u64;
+    Ok(())
+}
+
+fn fill_batch(
     link: &mut Link,
     peer: PeerId,
     mrs: &HashMap<(u64, usize), MrEntry>,
     max_wr: u64,
+    wrs: &mut Vec<WorkRequest>,
     out: &mut PumpOut,
 ) -> Result<()> {
     if !matches!(link.state, State::Up | State::ReadySent | State::AwaitReady) {
@@ -1066,7 +1233,7 @@ fn pump_link(
         }
         let c = link.ctrl.pop_front().expect("not empty");
         let ready = c.first() == Some(&(wire::Kind::Ready as u8));
-        post_slot(link, &c, false, ready)?;
+        add_slot_send(link, wrs, &c, false, ready);
     }
     if link.state != State::Up {
         return Ok(());
@@ -1074,8 +1241,8 @@ fn pump_link(
     loop {
         let finished = match link.ops.front() {
             None => return Ok(()),
-            Some(Op::Send { .. }) => pump_send(link)?,
-            Some(Op::Write { .. }) => pump_write(link, peer, mrs, max_wr, out)?,
+            Some(Op::Send { .. }) => fill_send(link, wrs),
+            Some(Op::Write { .. }) => fill_write(link, peer, mrs, max_wr, wrs, out),
         };
         if !finished {
             return Ok(());
@@ -1084,8 +1251,8 @@ fn pump_link(
     }
 }
 
-/// Posts fragments of the message at the front; true when all of it is posted.
-fn pump_send(link: &mut Link) -> Result<bool> {
+/// Adds fragments of the message at the front; true when all of it is in the batch.
+fn fill_send(link: &mut Link, wrs: &mut Vec<WorkRequest>) -> bool {
     let room = link.pool.as_ref().expect("up links have a pool").chunk - wire::HDR;
     loop {
         let Some(Op::Send {
@@ -1098,10 +1265,10 @@ fn pump_send(link: &mut Link) -> Result<bool> {
             unreachable!("called for a send at the front")
         };
         if *started && *sent >= data.len() {
-            return Ok(true);
+            return true;
         }
         if !has_room(link) {
-            return Ok(false);
+            return false;
         }
         let n = room.min(data.len() - *sent);
         let last = *sent + n == data.len();
@@ -1112,7 +1279,7 @@ fn pump_send(link: &mut Link) -> Result<bool> {
             *lane,
         ));
         frag.extend_from_slice(&data[*sent..*sent + n]);
-        post_slot(link, &frag, last, false)?;
+        add_slot_send(link, wrs, &frag, last, false);
         if let Some(Op::Send { sent, started, .. }) = link.ops.front_mut() {
             *sent += n;
             *started = true;
@@ -1120,15 +1287,17 @@ fn pump_send(link: &mut Link) -> Result<bool> {
     }
 }
 
-/// Resolves, describes and posts the write at the front; true when it is fully posted (or
-/// completed without sending).
-fn pump_write(
+/// Resolves the destination of the write at the front, defines its destination slot if the
+/// peer does not know it yet, and adds its requests; true when all of it is in the batch (or
+/// it completed without sending).
+fn fill_write(
     link: &mut Link,
     peer: PeerId,
     mrs: &HashMap<(u64, usize), MrEntry>,
     max_wr: u64,
+    wrs: &mut Vec<WorkRequest>,
     out: &mut PumpOut,
-) -> Result<bool> {
+) -> bool {
     let Some(&Op::Write {
         src_offset,
         len,
@@ -1136,54 +1305,69 @@ fn pump_write(
         imm,
         wr_id,
         mr_key,
-        desc_posted,
+        slot,
         ..
     }) = link.ops.front()
     else {
         unreachable!("called for a write at the front")
     };
-    if !desc_posted {
-        match link.remote.get(&dst.token).copied() {
+    let slot = match slot {
+        Some(s) => s,
+        None => match link.remote.get(&dst.token).copied() {
             None => {
                 link.remote.insert(dst.token, Remote::Pending);
                 out.resolves += 1;
                 let c = wire::encode_resolve(dst.token).to_vec();
                 if has_room(link) {
-                    post_slot(link, &c, false, false)?;
+                    add_slot_send(link, wrs, &c, false, false);
                 } else {
                     link.ctrl.push_back(c);
                 }
-                return Ok(false);
+                return false;
             }
-            Some(Remote::Pending) => return Ok(false),
+            Some(Remote::Pending) => return false,
             Some(Remote::Retired) => {
                 // The peer deregistered it: dropped, as tcp drops it at the receiver.
                 out.events.push(Event::WriteDone { peer, wr_id });
                 out.release.push(mr_key);
                 link.outstanding -= 1;
-                return Ok(true);
+                return true;
             }
             Some(Remote::Known { len: rlen, .. }) => {
-                if !has_room(link) {
-                    return Ok(false);
-                }
+                let d = Dest {
+                    token: dst.token,
+                    offset: dst.offset,
+                    len,
+                    imm,
+                };
                 let oob = dst.offset.checked_add(len).is_none_or(|e| e > rlen);
-                let d = wire::encode_desc(dst.token, dst.offset, len, oob);
-                post_slot(link, &d, false, false)?;
                 if oob {
-                    // The receiver closes the link on this descriptor, as it would on tcp.
+                    if !has_room(link) {
+                        return false;
+                    }
+                    // The receiver closes the link on this definition, as it would on tcp.
+                    add_slot_send(link, wrs, &wire::encode_define(0, &d, true), false, false);
                     out.release.push(mr_key);
                     link.outstanding -= 1;
-                    return Ok(true);
+                    return true;
                 }
-                if let Some(Op::Write { desc_posted, .. }) = link.ops.front_mut() {
-                    *desc_posted = true;
+                if !link.tx_dest.contains_key(&d) && !has_room(link) {
+                    return false;
                 }
+                let (s, define) = link.dest_slot(d);
+                if define {
+                    add_slot_send(link, wrs, &wire::encode_define(s, &d, false), false, false);
+                    out.defines += 1;
+                }
+                if let Some(Op::Write { slot, .. }) = link.ops.front_mut() {
+                    *slot = Some(s);
+                }
+                s
             }
-        }
-    }
+        },
+    };
     let Some(Remote::Known { addr, rkey, .. }) = link.remote.get(&dst.token).copied() else {
-        unreachable!("a descriptor is only posted for a known region")
+        unreachable!("a slot is only chosen for a known region")
     };
     let (lkey, base) = if len == 0 {
         (0, 0)
@@ -1198,7 +1382,7 @@ fn pump_write(
             unreachable!("called for a write at the front")
         };
         if link.sq_free == 0 {
-            return Ok(false);
+            return false;
         }
         let n = (len - posted).min(max_wr);
         let last = posted + n == len;
@@ -1212,7 +1396,7 @@ fn pump_write(
                 len: n as u32,
                 rkey,
                 remote_addr: raddr,
-                imm,
+                imm: slot,
             }
         } else {
             WorkRequest::Write {
@@ -1224,11 +1408,7 @@ fn pump_write(
                 remote_addr: raddr,
             }
         };
-        let qp = link.qp.as_mut().expect("up links have a QP");
-        // SAFETY: the source range lies in a registered region (the op holds a reference on it,
-        // released at this request's completion); the destination is the range the peer
-        // announced for this token, and the descriptor just sent found it in bounds.
-        unsafe { qp.post_send(&[wr]) }?;
+        wrs.push(wr);
         link.sq_free -= 1;
         let what = if last {
             Inflight::Final { wr_id, mr_key }
@@ -1241,36 +1421,32 @@ fn pump_write(
         }
         if last {
             out.writes += 1;
-            return Ok(true);
+            return true;
         }
     }
 }
 
-/// Copies `bytes` into a free send slot of the link and posts it as a SEND.
-fn post_slot(link: &mut Link, bytes: &[u8], op_done: bool, ready: bool) -> Result<()> {
+/// Copies `bytes` into a free send slot of the link and adds a SEND of it to the batch.
+fn add_slot_send(
+    link: &mut Link,
+    wrs: &mut Vec<WorkRequest>,
+    bytes: &[u8],
+    op_done: bool,
+    ready: bool,
+) {
     let slot = link.free_send.pop().expect("caller checked a free slot");
     let pool = link.pool.as_mut().expect("a link with a QP has a pool");
     let addr = pool.addr(slot);
     let off = slot as usize * pool.chunk;
     pool.mem[off..off + bytes.len()].copy_from_slice(bytes);
-    let lkey = pool.mr.lkey();
     link.seq += 1;
-    let qp = link.qp.as_mut().expect("a link with a pool has a QP");
-    // SAFETY: the slot lies in the pool's registered region; it stays untouched until its
-    // completion returns it to `free_send`.
-    let r = unsafe {
-        qp.post_send(&[WorkRequest::Send {
-            wr_id: link.seq,
-            lkey,
-            addr,
-            len: bytes.len() as u32,
-        }])
-    };
-    if let Err(e) = r {
-        link.free_send.push(slot);
-        return Err(e);
-    }
     link.sq_free -= 1;
+    wrs.push(WorkRequest::Send {
+        wr_id: link.seq,
+        lkey: pool.mr.lkey(),
+        addr,
+        len: bytes.len() as u32,
+    });
     link.inflight.push_back((
         link.seq,
         Inflight::Slot {
@@ -1279,5 +1455,4 @@ fn post_slot(link: &mut Link, bytes: &[u8], op_done: bool, ready: bool) -> Resul
             ready,
         },
     ));
-    Ok(())
 }

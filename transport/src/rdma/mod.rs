@@ -7,7 +7,7 @@
 //! pair** that carries *all* traffic once it is up:
 //!
 //! * **Negotiation, inside the tcp handshake.** The dialler (the lower id) creates its QP before
-//!   dialling and puts an *offer* (`bps-rdma/1 offer qpn=… psn=… lid=… gid=… mtu=…`) in the
+//!   dialling and puts an *offer* (`bps-rdma/2 offer qpn=… psn=… lid=… gid=… mtu=…`) in the
 //!   otherwise unused `shm_path` field of lane 0's `Hello` (tcp acceptors ignore that field, so an
 //!   offer costs nothing on the wire format). The acceptor answers — after the authentication
 //!   handshake when the job has a secret — with a `Hello` frame of its own on lane 0 carrying
@@ -22,13 +22,24 @@
 //!   per-lane order between `try_send` and `try_write_imm` (the conformance test
 //!   `send_then_write_in_order`): on one RC QP every SEND and WRITE_WITH_IMM consumes receive
 //!   requests in posting order. Messages on tcp and writes on the QP could overtake each other.
-//! * **A push is an RDMA WRITE_WITH_IMM** straight from the registered source into the peer's
-//!   registered region (split into `max_msg_sz` pieces, the last one WITH_IMM). The receiver gets
-//!   an `IBV_WC_RECV_RDMA_WITH_IMM` completion carrying the caller's 32-bit immediate and reports
-//!   `Event::WriteReceived`. Because a completion carries no address, each write is preceded by a
-//!   small descriptor SEND (`token, offset, len`) that the receiver pairs with the next
-//!   WRITE_WITH_IMM completion (RC delivers them in order). The sender reports
-//!   `Event::WriteDone` on the send completion of the last WR.
+//! * **A push is one RDMA WRITE_WITH_IMM** straight from the registered source into the peer's
+//!   registered region (split into `max_msg_sz` pieces, the last one WITH_IMM). A completion
+//!   carries no address, only the 32-bit immediate, so the immediate names a slot of a
+//!   **destination table** the two ends of the link share: the first write to a destination
+//!   `(token, offset, len, caller's immediate)` is preceded, in the same post, by a small
+//!   `Define` SEND that sets a slot to it; every later write to the same destination — the
+//!   steady state of push_pull, whose chunks go to the same server slot and answers to the same
+//!   worker buffer every round — is the WRITE_WITH_IMM alone. The receiver looks the slot up on
+//!   the `IBV_WC_RECV_RDMA_WITH_IMM` completion and reports `Event::WriteReceived` with the
+//!   caller's immediate (RC delivers the definition before the write). The table holds 4096
+//!   slots; past that, slots are reused round-robin (redefined before use, so still in order).
+//!   The sender reports `Event::WriteDone` when the last WR of the write is retired.
+//! * **Posting.** An operation is posted at once when its link's send queue is idle; while
+//!   requests are in flight, operations queue and the next `Net::poll` posts all of them in one
+//!   `ibv_post_send`. Only the last request of a post and every 32nd are signaled (selective
+//!   signaling): the completion of a signaled request retires it and every unsignaled request
+//!   before it (their send-queue entries, send buffers and `WriteDone`s), which is what keeps
+//!   the send-queue accounting exact with fewer completions.
 //! * **Tokens → (addr, rkey).** On the first write to a (peer, token) the sender asks the peer
 //!   (`RESOLVE token`) and queues that write and everything after it; the owner answers
 //!   `ANNOUNCE token addr rkey len` (registering the region with the NIC if it was not yet) and
@@ -42,16 +53,18 @@
 //!   error (retry exceeded, remote access error) drops the whole link with the verbs status in
 //!   the `PeerLost` reason.
 //!
-//! # Completions: polled from `Net::poll`, comp channel in mio
+//! # Completions: a poller thread, handed over without locks
 //!
-//! Completion queues are drained from [`Net::poll`](crate::Net) itself, and the completion
-//! channel's file descriptor is registered in the Net's mio `Poll` (`mio::unix::SourceFd`).
-//! Before `poll` blocks it re-arms every CQ (`ibv_req_notify_cq`) and polls once more to close the
-//! race; optionally it busy-polls for [`RdmaConfig::busy_poll`] first. Why not a poller thread:
-//! `Net` is owned by one thread and its events are only consumed by that thread's `poll`, so a
-//! second thread would add a queue hop and a wake-up per completion, and the send-queue
-//! accounting (what makes `Busy` deterministic) would become shared state. Polling a CQ is a
-//! user-space read of a ring — the hot path takes no lock and makes no system call.
+//! Each `Net` with a device runs one completion poller thread (`bps-rdma-cq`). It drains the
+//! completion queue of every queue pair, busy-polling while completions come and for
+//! [`RdmaConfig::busy_poll`] after the last one (yielding the CPU between rounds), then arms
+//! the CQs and sleeps on the completion channel. What it polls goes into a bounded
+//! single-producer / single-consumer ring of atomics; `Net::poll` takes it from there (no lock,
+//! no system call) and turns it into events, reposts the consumed receive buffers in one call
+//! and posts what was queued. The event loop is woken through its `mio::Waker` only when it
+//! declared it was about to sleep (a flag both sides check around a fence), so a busy loop costs
+//! the poller no system call. Send-queue accounting (what makes `Busy` deterministic) stays in
+//! the event loop, which alone posts; the poller only reads CQs. See `poller.rs`.
 //!
 //! # Without the feature, or without a device
 //!
@@ -75,6 +88,8 @@ pub(crate) mod wire;
 
 #[cfg(feature = "rdma")]
 mod engine;
+#[cfg(feature = "rdma")]
+mod poller;
 #[cfg(feature = "rdma")]
 mod sys;
 #[cfg(feature = "rdma")]
@@ -124,8 +139,9 @@ pub struct RdmaConfig {
     /// (`ulimit -l`, RLIMIT_MEMLOCK), or no bound where that is unlimited or the process holds
     /// CAP_IPC_LOCK.
     pub max_registered_bytes: u64,
-    /// How long `Net::poll` spins on the completion queues before it arms the completion channel
-    /// and sleeps (`BPS_RDMA_BUSY_POLL_US`). Zero: never spin.
+    /// How long the completion poller thread keeps polling the completion queues after the last
+    /// completion (yielding the CPU in between) before it arms the completion channel and sleeps
+    /// on it (`BPS_RDMA_BUSY_POLL_US`). Zero: sleep as soon as nothing is there.
     pub busy_poll: Duration,
 }
 
@@ -210,4 +226,19 @@ pub struct RdmaStats {
     pub messages_posted: u64,
     /// Queue pairs created.
     pub queue_pairs: u64,
+    /// `ibv_post_send` calls (each posts a batch of work requests).
+    pub post_calls: u64,
+    /// Work requests posted to send queues.
+    pub send_requests: u64,
+    /// Of those, the signaled ones (the others complete silently, retired by a later one).
+    pub signaled_requests: u64,
+    /// Destination-table definitions sent: writes whose (token, offset, len, immediate) the
+    /// peer did not know yet. A write to a known destination is a single WRITE_WITH_IMM.
+    pub dest_defines: u64,
+    /// Completions handed from the poller thread to the event loop.
+    pub completions: u64,
+    /// Times the poller thread woke a sleeping event loop.
+    pub poller_wakeups: u64,
+    /// Times the poller thread slept on the completion channel.
+    pub poller_sleeps: u64,
 }

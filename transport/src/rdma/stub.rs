@@ -5,8 +5,6 @@
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
 
-use mio::{Registry, Token};
-
 use super::wire::{Endpoint, Handshake};
 use super::{DeviceSummary, RdmaConfig, RdmaStats};
 use crate::{Error, Event, LinkKind, PeerId, RemoteSlice, Result};
@@ -270,8 +268,7 @@ impl Engine {
         force: Option<LinkKind>,
         _queue_depth: usize,
         _max_msg: usize,
-        _registry: &Registry,
-        _token: Token,
+        _waker: std::sync::Arc<mio::Waker>,
     ) -> Engine {
         if force == Some(LinkKind::Rdma) {
             tracing::warn!("rdma: {WHY}; BPS_TRANSPORT=rdma falls back to tcp");
@@ -343,5 +340,4 @@ impl Engine {
     pub(crate) fn prepare_sleep(&mut self) -> bool {
         true
     }
-    pub(crate) fn on_channel_ready(&mut self) {}
 }

@@ -104,13 +104,18 @@ pub(crate) unsafe fn req_notify_cq(cq: NonNull<ibv_cq>) -> io::Result<()> {
     })
 }
 
-/// Reads every pending event of a (non-blocking) completion channel and acknowledges it at once.
-/// Returns how many were read.
+/// Reads every pending event of a (non-blocking) completion channel and acknowledges it at once,
+/// telling `fired` which CQ each event was for. Returns how many were read.
 ///
 /// # Safety
-/// `channel` must be a live completion channel whose fd is non-blocking, and every CQ bound to
-/// it must stay alive while its events are read (they are acknowledged here, before returning).
-pub(crate) unsafe fn drain_channel(channel: NonNull<ibv_comp_channel>) -> io::Result<usize> {
+/// `channel` must be a live completion channel whose fd is non-blocking. The CQs of the events
+/// are alive while this runs: the kernel drops the unread events of a CQ being destroyed, and
+/// `ibv_destroy_cq` waits until every event it handed out was acknowledged (done here, before
+/// `fired` is called), so a CQ may be destroyed by another thread meanwhile.
+pub(crate) unsafe fn drain_channel(
+    channel: NonNull<ibv_comp_channel>,
+    mut fired: impl FnMut(usize),
+) -> io::Result<usize> {
     let mut n = 0;
     loop {
         let mut cq: *mut ibv_cq = std::ptr::null_mut();
@@ -125,8 +130,10 @@ pub(crate) unsafe fn drain_channel(channel: NonNull<ibv_comp_channel>) -> io::Re
             return Err(io::Error::new(e.kind(), format!("ibv_get_cq_event: {e}")));
         }
         if !cq.is_null() {
-            // SAFETY: `cq` was just returned by ibv_get_cq_event for a CQ that is alive (caller).
+            // SAFETY: `cq` was just returned by ibv_get_cq_event, and its destruction waits for
+            // this acknowledgement (see above).
             unsafe { rdma_mummy_sys::ibv_ack_cq_events(cq, 1) };
+            fired(cq as usize);
         }
         n += 1;
     }

@@ -7,7 +7,6 @@
 
 use std::net::Ipv6Addr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -367,10 +366,12 @@ impl Context {
     /// # Errors
     /// `ibv_get_cq_event` failing for another reason than "nothing pending".
     pub fn drain_channel(&self) -> Result<usize> {
-        // SAFETY: the channel is alive (held by `inner`), non-blocking (set in `open`), and a CQ
-        // is only destroyed with its QP, never while this call runs (same thread owns both).
-        unsafe { sys::drain_channel(self.inner.channel.comp_channel()) }
-            .map_err(|e| Error::io("rdma: read the completion channel", e))
+        self.channel().drain(|_| {})
+    }
+
+    /// The completion channel, for a thread that waits on it.
+    pub(crate) fn channel(&self) -> ChannelHandle {
+        ChannelHandle(self.inner.channel.clone())
     }
 
     /// Registers `ptr..ptr+len` for local access and remote writes and reads.
@@ -707,9 +708,35 @@ impl QueuePair {
     /// until the request's completion is polled (inline sends excepted: they are copied here);
     /// every remote range must be one the peer allows this QP to write.
     pub unsafe fn post_send(&mut self, wrs: &[WorkRequest]) -> Result<()> {
+        // SAFETY: forwarded contract.
+        unsafe { self.post_send_with(wrs, |_| true) }
+    }
+
+    /// Posts work requests to the send queue in one batch (one doorbell), asking a completion
+    /// only for those `signaled(index)` accepts (selective signaling). An unsignaled request
+    /// still occupies its send-queue entry until a later signaled request of this QP completes:
+    /// the caller must signal at least one request in every send-depth requests, and count the
+    /// entries of unsignaled ones as freed only at that later completion.
+    ///
+    /// # Errors
+    /// The post failing (e.g. the send queue is full).
+    ///
+    /// # Safety
+    /// As [`post_send`](Self::post_send); an unsignaled request's local range must stay valid
+    /// until a later signaled request's completion is polled.
+    pub unsafe fn post_send_with(
+        &mut self,
+        wrs: &[WorkRequest],
+        signaled: impl Fn(usize) -> bool,
+    ) -> Result<()> {
         let inline = self.inline;
         let mut g = self.qp.start_post_send();
-        for wr in wrs {
+        for (i, wr) in wrs.iter().enumerate() {
+            let base = if signaled(i) {
+                WorkRequestFlags::Signaled
+            } else {
+                WorkRequestFlags::none()
+            };
             match *wr {
                 WorkRequest::Send {
                     wr_id,
@@ -719,9 +746,9 @@ impl QueuePair {
                 } => {
                     let inline = len > 0 && len <= inline;
                     let flags = if inline {
-                        WorkRequestFlags::Signaled | WorkRequestFlags::Inline
+                        base | WorkRequestFlags::Inline
                     } else {
-                        WorkRequestFlags::Signaled
+                        base
                     };
                     let h = g.construct_wr(wr_id, flags).setup_send();
                     if inline {
@@ -746,11 +773,14 @@ impl QueuePair {
                     rkey,
                     remote_addr,
                 } => {
-                    let h = g
-                        .construct_wr(wr_id, WorkRequestFlags::Signaled)
-                        .setup_write(rkey, remote_addr);
-                    // SAFETY: as above.
-                    unsafe { h.setup_sge(lkey, addr, len) };
+                    let h = g.construct_wr(wr_id, base).setup_write(rkey, remote_addr);
+                    if len == 0 {
+                        // SAFETY: an empty scatter list references no memory.
+                        unsafe { h.setup_sge_list(&[]) };
+                    } else {
+                        // SAFETY: as above.
+                        unsafe { h.setup_sge(lkey, addr, len) };
+                    }
                 }
                 WorkRequest::WriteImm {
                     wr_id,
@@ -761,9 +791,9 @@ impl QueuePair {
                     remote_addr,
                     imm,
                 } => {
-                    let h = g
-                        .construct_wr(wr_id, WorkRequestFlags::Signaled)
-                        .setup_write_imm(rkey, remote_addr, imm.to_be());
+                    let h =
+                        g.construct_wr(wr_id, base)
+                            .setup_write_imm(rkey, remote_addr, imm.to_be());
                     if len == 0 {
                         // SAFETY: an empty scatter list references no memory.
                         unsafe { h.setup_sge_list(&[]) };
@@ -800,29 +830,13 @@ impl QueuePair {
     /// # Errors
     /// `ibv_poll_cq` failing.
     pub fn poll(&self, out: &mut Vec<Completion>, max: usize) -> Result<usize> {
+        let cq = CqHandle(self.cq.clone());
         let mut wcs = [sys::empty_wc(); 32];
         let mut total = 0;
         while total < max {
             let want = (max - total).min(wcs.len());
-            // SAFETY: the CQ is alive (held by self).
-            let n = unsafe { sys::poll_cq(self.cq.cq(), &mut wcs[..want]) }
-                .map_err(|e| Error::io("rdma: poll the completion queue", e))?;
-            for wc in &wcs[..n] {
-                let imm = if wc.wc_flags & rdma_mummy_sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0 {
-                    // SAFETY: the union holds the immediate when IBV_WC_WITH_IMM is set.
-                    let raw = unsafe { wc.imm_data_invalidated_rkey_union.imm_data };
-                    Some(u32::from_be(raw))
-                } else {
-                    None
-                };
-                out.push(Completion {
-                    wr_id: wc.wr_id,
-                    status: wc.status,
-                    opcode: wc.opcode,
-                    byte_len: wc.byte_len,
-                    imm,
-                });
-            }
+            let n = cq.poll(&mut wcs[..want])?;
+            out.extend(wcs[..n].iter().map(completion_of));
             total += n;
             if n < want {
                 break;
@@ -836,15 +850,76 @@ impl QueuePair {
     /// # Errors
     /// The verb failing.
     pub fn arm(&self) -> Result<()> {
+        CqHandle(self.cq.clone()).arm()
+    }
+
+    /// A handle on this QP's completion queue, for the poller thread. The CQ lives as long as
+    /// any handle or the QP does.
+    pub(crate) fn cq(&self) -> CqHandle {
+        CqHandle(self.cq.clone())
+    }
+}
+
+/// The fields of a work completion that the backend uses.
+pub(crate) fn completion_of(wc: &rdma_mummy_sys::ibv_wc) -> Completion {
+    let imm = if wc.wc_flags & rdma_mummy_sys::ibv_wc_flags::IBV_WC_WITH_IMM.0 != 0 {
+        // SAFETY: the union holds the immediate when IBV_WC_WITH_IMM is set.
+        let raw = unsafe { wc.imm_data_invalidated_rkey_union.imm_data };
+        Some(u32::from_be(raw))
+    } else {
+        None
+    };
+    Completion {
+        wr_id: wc.wr_id,
+        status: wc.status,
+        opcode: wc.opcode,
+        byte_len: wc.byte_len,
+        imm,
+    }
+}
+
+/// A shared handle on a completion queue: polled and armed from the poller thread while the
+/// event loop posts on its queue pair (both verbs are thread-safe in libibverbs providers).
+#[derive(Clone)]
+pub(crate) struct CqHandle(Arc<BasicCompletionQueue>);
+
+impl CqHandle {
+    /// `ibv_poll_cq` into `wcs`; returns how many were filled.
+    pub(crate) fn poll(&self, wcs: &mut [rdma_mummy_sys::ibv_wc]) -> Result<usize> {
         // SAFETY: the CQ is alive (held by self).
-        unsafe { sys::req_notify_cq(self.cq.cq()) }
+        unsafe { sys::poll_cq(self.0.cq(), wcs) }
+            .map_err(|e| Error::io("rdma: poll the completion queue", e))
+    }
+
+    /// `ibv_req_notify_cq`: an event on the channel at the next completion.
+    pub(crate) fn arm(&self) -> Result<()> {
+        // SAFETY: the CQ is alive (held by self).
+        unsafe { sys::req_notify_cq(self.0.cq()) }
             .map_err(|e| Error::io("rdma: arm the completion queue", e))
     }
 
-    /// Raw CQ handle (for diagnostics).
-    #[allow(dead_code)]
-    pub(crate) fn cq_ptr(&self) -> NonNull<rdma_mummy_sys::ibv_cq> {
-        // SAFETY: used only while self (and so the CQ) is alive.
-        unsafe { self.cq.cq() }
+    /// The CQ's address, as completion-channel events name it.
+    pub(crate) fn id(&self) -> usize {
+        // SAFETY: only the address is taken.
+        unsafe { self.0.cq() }.as_ptr() as usize
+    }
+}
+
+/// A shared handle on the context's completion channel.
+#[derive(Clone)]
+pub(crate) struct ChannelHandle(Arc<CompletionChannel>);
+
+impl ChannelHandle {
+    /// Its file descriptor (non-blocking; readable when an armed CQ got a completion).
+    pub(crate) fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// Reads and acknowledges every pending event, telling `fired` the [`CqHandle::id`] of each.
+    pub(crate) fn drain(&self, fired: impl FnMut(usize)) -> Result<usize> {
+        // SAFETY: the channel is alive (held by self) and non-blocking (set in `Context::open`);
+        // see `sys::drain_channel` on the CQs.
+        unsafe { sys::drain_channel(self.0.comp_channel(), fired) }
+            .map_err(|e| Error::io("rdma: read the completion channel", e))
     }
 }

@@ -7,8 +7,12 @@
 
 use std::net::Ipv6Addr;
 
-/// Prefix of every handshake string.
-pub(crate) const PREFIX: &str = "bps-rdma/1";
+/// Prefix of every handshake string: the protocol and its version. Version 2 names a write's
+/// destination by a slot of a per-link table in the immediate (`Define`), where version 1 sent a
+/// descriptor before every write.
+pub(crate) const PREFIX: &str = "bps-rdma/2";
+/// What every version's handshake starts with.
+const FAMILY: &str = "bps-rdma/";
 
 /// One side's queue pair, as the other side needs it to connect.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,16 +64,24 @@ impl Handshake {
         }
     }
 
-    /// Whether `s` is meant for this protocol at all (an ordinary tcp Hello has an empty field).
+    /// Whether `s` is meant for this protocol, of any version (an ordinary tcp Hello has an
+    /// empty field).
     pub(crate) fn is_handshake(s: &str) -> bool {
-        s.starts_with(PREFIX)
+        s.starts_with(FAMILY)
     }
 
     pub(crate) fn parse(s: &str) -> Result<Handshake, String> {
         let rest = s
             .strip_prefix(PREFIX)
             .and_then(|r| r.strip_prefix(' '))
-            .ok_or_else(|| format!("not an RDMA handshake: {s:?}"))?;
+            .ok_or_else(|| match s.strip_prefix(FAMILY) {
+                Some(v) => format!(
+                    "RDMA protocol version mismatch: the peer speaks bps-rdma/{}, this build \
+                     {PREFIX} (run the same bps version everywhere)",
+                    v.split(' ').next().unwrap_or("")
+                ),
+                None => format!("not an RDMA handshake: {s:?}"),
+            })?;
         let (verb, args) = rest.split_once(' ').unwrap_or((rest, ""));
         match verb {
             "decline" => Ok(Handshake::Decline(args.to_string())),
@@ -143,8 +155,9 @@ pub(crate) const HDR: usize = 8;
 pub(crate) enum Kind {
     /// A fragment of an application message; flag `LAST` ends it.
     Msg = 1,
-    /// Descriptor of the WRITE_WITH_IMM that follows: token, offset, len (u64 each).
-    Desc = 2,
+    /// Defines slot `index` of the link's destination table: the region token, offset, length and
+    /// the caller's immediate of the writes whose WRITE_WITH_IMM carries `index` as immediate.
+    Define = 6,
     /// "Where is token T?" (u64).
     Resolve = 3,
     /// Answer: token, addr, len (u64), rkey (u32), status (u8: 0 ok, 1 deregistered).
@@ -155,7 +168,7 @@ pub(crate) enum Kind {
 
 /// Flag of a `Msg` fragment: the message ends here.
 pub(crate) const F_LAST: u8 = 1;
-/// Flag of a `Desc`: no data follows; the writer found the destination out of bounds (the
+/// Flag of a `Define`: no write follows; the writer found the destination out of bounds (the
 /// receiver closes the link, as it would on tcp).
 pub(crate) const F_NO_DATA: u8 = 1;
 
@@ -164,7 +177,7 @@ pub(crate) const ANN_OK: u8 = 0;
 /// The token was deregistered: writes to it are dropped.
 pub(crate) const ANN_RETIRED: u8 = 1;
 
-pub(crate) const DESC_LEN: usize = HDR + 24;
+pub(crate) const DEFINE_LEN: usize = HDR + 32;
 pub(crate) const RESOLVE_LEN: usize = HDR + 8;
 pub(crate) const ANNOUNCE_LEN: usize = HDR + 29;
 
@@ -184,7 +197,9 @@ pub(crate) enum Send<'a> {
         last: bool,
         data: &'a [u8],
     },
-    Desc {
+    Define {
+        index: u32,
+        imm: u32,
         token: u64,
         offset: u64,
         len: u64,
@@ -203,18 +218,37 @@ pub(crate) enum Send<'a> {
     Ready,
 }
 
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut x = [0u8; 8];
     x.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(x)
 }
 
-pub(crate) fn encode_desc(token: u64, offset: u64, len: u64, no_data: bool) -> [u8; DESC_LEN] {
-    let mut b = [0u8; DESC_LEN];
-    b[..HDR].copy_from_slice(&header(Kind::Desc, if no_data { F_NO_DATA } else { 0 }, 0));
-    b[HDR..HDR + 8].copy_from_slice(&token.to_le_bytes());
-    b[HDR + 8..HDR + 16].copy_from_slice(&offset.to_le_bytes());
-    b[HDR + 16..HDR + 24].copy_from_slice(&len.to_le_bytes());
+/// A destination-table entry: the write's region token, offset, length and immediate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Dest {
+    pub(crate) token: u64,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) imm: u32,
+}
+
+pub(crate) fn encode_define(index: u32, d: &Dest, no_data: bool) -> [u8; DEFINE_LEN] {
+    let mut b = [0u8; DEFINE_LEN];
+    b[..HDR].copy_from_slice(&header(
+        Kind::Define,
+        if no_data { F_NO_DATA } else { 0 },
+        0,
+    ));
+    b[HDR..HDR + 4].copy_from_slice(&index.to_le_bytes());
+    b[HDR + 4..HDR + 8].copy_from_slice(&d.imm.to_le_bytes());
+    b[HDR + 8..HDR + 16].copy_from_slice(&d.token.to_le_bytes());
+    b[HDR + 16..HDR + 24].copy_from_slice(&d.offset.to_le_bytes());
+    b[HDR + 24..HDR + 32].copy_from_slice(&d.len.to_le_bytes());
     b
 }
 
@@ -267,12 +301,14 @@ pub(crate) fn decode(b: &[u8]) -> Result<Send<'_>, String> {
             last: flags & F_LAST != 0,
             data: &b[HDR..],
         }),
-        2 => {
-            need(DESC_LEN)?;
-            Ok(Send::Desc {
-                token: u64_at(b, HDR),
-                offset: u64_at(b, HDR + 8),
-                len: u64_at(b, HDR + 16),
+        6 => {
+            need(DEFINE_LEN)?;
+            Ok(Send::Define {
+                index: u32_at(b, HDR),
+                imm: u32_at(b, HDR + 4),
+                token: u64_at(b, HDR + 8),
+                offset: u64_at(b, HDR + 16),
+                len: u64_at(b, HDR + 24),
                 no_data: flags & F_NO_DATA != 0,
             })
         }
@@ -288,7 +324,7 @@ pub(crate) fn decode(b: &[u8]) -> Result<Send<'_>, String> {
                 token: u64_at(b, HDR),
                 addr: u64_at(b, HDR + 8),
                 len: u64_at(b, HDR + 16),
-                rkey: u32::from_le_bytes([b[HDR + 24], b[HDR + 25], b[HDR + 26], b[HDR + 27]]),
+                rkey: u32_at(b, HDR + 24),
                 status: b[HDR + 28],
             })
         }
@@ -336,31 +372,54 @@ mod tests {
     fn handshake_rejects_garbage() {
         assert!(!Handshake::is_handshake(""));
         for bad in [
-            "bps-rdma/1",
-            "bps-rdma/1 offer",
-            "bps-rdma/1 offer qpn=1 psn=2 lid=0 mtu=4096",
-            "bps-rdma/1 offer qpn=1 psn=2 lid=0 gid=zz mtu=4096",
-            "bps-rdma/1 offer qpn=0 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=4096",
-            "bps-rdma/1 offer qpn=1 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=100",
-            "bps-rdma/1 offer qpn=16777216 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=256",
-            "bps-rdma/1 hello",
+            "bps-rdma/2",
             "bps-rdma/2 offer",
+            "bps-rdma/2 offer qpn=1 psn=2 lid=0 mtu=4096",
+            "bps-rdma/2 offer qpn=1 psn=2 lid=0 gid=zz mtu=4096",
+            "bps-rdma/2 offer qpn=0 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=4096",
+            "bps-rdma/2 offer qpn=1 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=100",
+            "bps-rdma/2 offer qpn=16777216 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=256",
+            "bps-rdma/2 hello",
+            "bps-rdma/3 offer",
         ] {
             assert!(Handshake::parse(bad).is_err(), "{bad}");
         }
+        let old = "bps-rdma/1 offer qpn=1 psn=2 lid=0 gid=00000000000000000000000000000000 mtu=256";
+        assert!(
+            Handshake::is_handshake(old),
+            "an older version is recognised"
+        );
+        let e = Handshake::parse(old).unwrap_err();
+        assert!(
+            e.contains("version mismatch") && e.contains("bps-rdma/1"),
+            "{e}"
+        );
     }
 
     #[test]
     fn sends_round_trip() {
-        let d = encode_desc(1, 2, 3, true);
+        let dest = Dest {
+            token: 1,
+            offset: 2,
+            len: 3,
+            imm: 0xfeed_beef,
+        };
+        let d = encode_define(7, &dest, true);
         assert_eq!(
             decode(&d).unwrap(),
-            Send::Desc {
+            Send::Define {
+                index: 7,
+                imm: 0xfeed_beef,
                 token: 1,
                 offset: 2,
                 len: 3,
                 no_data: true
             }
+        );
+        assert!(decode(&header(Kind::Define, 0, 0)).is_err());
+        assert!(
+            decode(&[2, 0, 0, 0, 0, 0, 0, 0]).is_err(),
+            "version 1's descriptor"
         );
         assert_eq!(
             decode(&encode_resolve(9)).unwrap(),
@@ -390,6 +449,6 @@ mod tests {
         assert_eq!(decode(&header(Kind::Ready, 0, 0)).unwrap(), Send::Ready);
         assert!(decode(&[1, 0, 0]).is_err());
         assert!(decode(&[9, 0, 0, 0, 0, 0, 0, 0]).is_err());
-        assert!(decode(&d[..DESC_LEN - 1]).is_err());
+        assert!(decode(&d[..DEFINE_LEN - 1]).is_err());
     }
 }
