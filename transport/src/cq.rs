@@ -32,10 +32,11 @@
 //!
 //! On the common path — events on, and the completing thread has completed an operation of
 //! this queue before — [`Completer::complete`] makes **no locked read-modify-write**: one
-//! `Release` store of the state, one load of the waiters flag, one `Release` store of the
-//! slot's pointer into the thread's lane. The completer's own `Arc` count of the slot becomes
-//! the queue's, and its count of the queue is parked in the thread's claim (see below). With
-//! events off it is the store, the load and the `Arc` decrement of the completer's slot.
+//! `Release` store of the state, one load of the waiters flag, then, in the thread's lane, one
+//! `Release` store of the slot's pointer and one store of the lane's post counter. The
+//! completer's own `Arc` count of the slot becomes the queue's, and its count of the queue is
+//! kept by the thread's claim (see *Ownership*). With events off it is the state store, the
+//! flag load and the `Arc` decrement of the completer's slot.
 //! Locked operations are kept for the rare paths: a waiter going to sleep, a thread's first
 //! completion for a queue, registering, draining (one try-lock per drain), closing.
 //!
@@ -74,7 +75,10 @@
 //! or a new lane pushed onto the queue's list of lanes), keeps the claim in a thread-local
 //! cache of a few (4) claims, and is then the lane's only producer: posting is a
 //! `Release` store of the entry into the next cell, which the consumer finds non-null with an
-//! `Acquire` load — so a drained handle always reports `Done` or `Failed`. A claim is released
+//! `Acquire` load — so a drained handle always reports `Done` or `Failed`. The thread-local
+//! cache is only read on the fast path (the most recent claim is this queue's and its segment
+//! has room), which calls nothing; the rest runs with a `busy` flag set, so a post re-entering
+//! from there (an allocator, a destructor) takes the fallback list. A claim is released
 //! (flag cleared with `Release`, so the next claimant continues at the right cell) when the
 //! thread exits, when it is evicted from the cache, or when its queue is closed. Lanes are
 //! never unlinked while the queue lives; a new thread reuses a released lane first.
@@ -86,8 +90,9 @@
 //! they are. The list is only pushed onto (CAS, `Release`), so the walk is safe with
 //! concurrent claims.
 //!
-//! When the thread-local cache cannot be used (while thread-locals are being destroyed) the
-//! slot goes to a shared fallback list instead, Dmitry Vyukov's *intrusive non-blocking MPSC node-based queue*
+//! When the thread-local cache cannot be used (while thread-locals are being destroyed, or on
+//! re-entry) the slot goes to a shared fallback list instead, Dmitry Vyukov's *intrusive
+//! non-blocking MPSC node-based queue*
 //! (<https://www.1024cores.net/home/lock-free-algorithms/queues/intrusive-mpsc-node-based-queue>),
 //! whose nodes are the slots themselves (one `next` link each) around a stub node:
 //!
@@ -121,8 +126,8 @@
 //!   close may still land in its lane; it is freed with the queue. The queue itself is freed
 //!   when its last count goes: the last handle, completer or claim.
 //!
-//! The atomics, cells, `Arc`, thread-locals, the fences and the futex come from
-//! `crate::primitive`, so the same code runs under loom (`tests/cq_loom.rs`), where the futex is
+//! The atomics, cells, `Arc`, the fences and the futex come from `crate::primitive` (and the
+//! thread-local is loom's under loom), so the same code runs under loom (`tests/cq_loom.rs`), where the futex is
 //! modelled with a mutex and condvar (a lost wake-up shows up as a deadlock), the fences as
 //! `SeqCst` fences, and segments hold two entries so that models cross segment boundaries.
 
