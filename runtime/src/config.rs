@@ -106,6 +106,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_RDMA_RECV_DEPTH", "BYTEPS_RDMA_RX_DEPTH"], default: "256", allowed: "1..=65536", doc: "pre-posted receives per queue pair" },
     Tunable { names: &["BPS_RDMA_INLINE_BYTES"], default: "64", allowed: "0..=1024", doc: "largest inline send" },
     Tunable { names: &["BPS_RDMA_MAX_REGISTERED_BYTES"], default: "0", allowed: "bytes (0 = follow ulimit -l)", doc: "most memory registered with the NIC" },
+    Tunable { names: &["BPS_RDMA_CACHE_USER_MEMORY"], default: "0", allowed: "0 or 1", doc: "keep the NIC registration of the application's tensors between operations over rdma (1 only if tensor memory is never freed and reused while bps runs: a registration pins the old pages)" },
     Tunable { names: &["BPS_SERVER_MAX_BYTES"], default: "", allowed: "bytes >= 1 MiB", doc: "most memory a process spends on key buffers as a server (default: 3/4 of physical memory); keys beyond it are refused with an error" },
     Tunable { names: &["BPS_JOB_SECRET"], default: "", allowed: "any non-empty string (bps-launch generates one per job)", doc: "job secret: every connection proves it holds it (HMAC challenge-response) before anything else is accepted; unset = no authentication. Never printed" },
     Tunable { names: &["BPS_LOG", "RUST_LOG"], default: "warn", allowed: "tracing filter, e.g. info, bps_runtime=debug", doc: "log filter" },
@@ -276,6 +277,8 @@ pub struct Config {
     pub server_max_bytes: u64,
     /// RDMA device choice and queue sizes.
     pub rdma: bps_transport::rdma::RdmaConfig,
+    /// Keep registrations of application memory between operations when rdma links exist.
+    pub rdma_cache_user_memory: bool,
 }
 
 fn resolve_host(h: &str, port: u16, var: &str) -> Result<SocketAddr, Error> {
@@ -485,8 +488,13 @@ impl Config {
         rdma.max_registered_bytes = l
             .parse("BPS_RDMA_MAX_REGISTERED_BYTES", |_: &u64| true)?
             .unwrap_or(rdma.max_registered_bytes);
+        let rdma_cache_user_memory = l
+            .parse("BPS_RDMA_CACHE_USER_MEMORY", |v: &u8| *v <= 1)?
+            .unwrap_or(0)
+            == 1;
         Ok(Config {
             rdma,
+            rdma_cache_user_memory,
             server_max_bytes,
             secret,
             poll_spin: Duration::from_micros(spin_us),

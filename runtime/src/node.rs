@@ -309,6 +309,10 @@ pub(crate) struct Node {
     local_reduce: bool,
     /// The GPU engine's inbox (scheduler messages for it pass through here).
     gpu_tx: Sender<GpuMsg>,
+    /// Some link is rdma: a NIC registration pins pages, so registrations of application
+    /// memory are dropped after each operation (the application may free the memory and get
+    /// the same addresses back on other pages) unless BPS_RDMA_CACHE_USER_MEMORY=1.
+    rdma_links: bool,
 }
 
 /// Counters the tests and tools read.
@@ -355,6 +359,28 @@ fn register_cached(
         let _ = net.deregister(old);
     }
     Ok(region.token)
+}
+
+/// An operation finished with its memory: unpin it in the registration cache, and with
+/// `drop_regs` also deregister it (application memory over rdma: see `Node::rdma_links`).
+fn release_op_memory(
+    net: &mut Net,
+    cache: &mut RegistrationCache,
+    input: RawSlice,
+    output: RawSlice,
+    drop_regs: bool,
+) {
+    cache.unpin(input.addr, input.len);
+    if output != input {
+        cache.unpin(output.addr, output.len);
+    }
+    if drop_regs {
+        for r in [input, output] {
+            if let Some(tok) = cache.remove(r.addr, r.len) {
+                let _ = net.deregister(tok);
+            }
+        }
+    }
 }
 
 impl Node {
@@ -428,6 +454,7 @@ impl Node {
             local_size: l,
             local_reduce,
             gpu_tx,
+            rdma_links: false,
         }
     }
 
@@ -840,10 +867,8 @@ impl Node {
         }
         if left == 0 {
             // A GPU operation with no chunk owned here.
-            w.cache.unpin(req.input.addr, req.input.len);
-            if req.output != req.input {
-                w.cache.unpin(req.output.addr, req.output.len);
-            }
+            let drop_regs = self.rdma_links && !self.cfg.rdma_cache_user_memory && req.gpu.is_none();
+            release_op_memory(&mut self.net, &mut w.cache, req.input, req.output, drop_regs);
             req.completer.complete(Ok(()));
             self.start_ready(tensor);
             return;
@@ -1037,6 +1062,9 @@ impl Node {
         match ev {
             Event::Connected { peer, kind } => {
                 tracing::debug!("connected to {} over {kind}", label(&self.book, peer));
+                if kind == bps_transport::LinkKind::Rdma {
+                    self.rdma_links = true;
+                }
                 self.stats
                     .links
                     .lock()
@@ -1850,10 +1878,9 @@ impl Node {
         a.deadline = Instant::now() + timeout;
         if a.left == 0 {
             let a = t.active.take().expect("active");
-            w.cache.unpin(a.req.input.addr, a.req.input.len);
-            if a.req.output != a.req.input {
-                w.cache.unpin(a.req.output.addr, a.req.output.len);
-            }
+            let drop_regs =
+                self.rdma_links && !self.cfg.rdma_cache_user_memory && a.req.gpu.is_none();
+            release_op_memory(&mut self.net, &mut w.cache, a.req.input, a.req.output, drop_regs);
             a.req.completer.complete(Ok(()));
             self.start_ready(tensor);
         }

@@ -228,7 +228,10 @@ struct MrEntry {
 /// The RDMA side of a `Net`.
 pub(crate) struct Engine {
     // Field order is drop order: the poller thread is stopped and joined first.
+    /// The completion poller thread, started with the first queue pair.
     poller: Option<Poller>,
+    /// The event loop's waker, for the poller.
+    waker: Arc<mio::Waker>,
     ctx: Option<Context>,
     /// Why RDMA is off in this process (device probe, or configuration).
     reason: String,
@@ -262,9 +265,10 @@ unsafe impl std::marker::Send for Engine {}
 const RETIRED_MAX: usize = 1 << 16;
 
 impl Engine {
-    /// Probes the device when `force` asks for RDMA or leaves the choice automatic, and starts
-    /// the completion poller thread, which wakes the event loop through `waker`. Never fails:
-    /// without a device the engine is off (one log line says why) and every peer uses tcp.
+    /// Probes the device when `force` asks for RDMA or leaves the choice automatic. The
+    /// completion poller thread, which wakes the event loop through `waker`, starts with the
+    /// first queue pair. Never fails: without a device the engine is off (one log line says why)
+    /// and every peer uses tcp.
     pub(crate) fn new(
         cfg: &RdmaConfig,
         force: Option<LinkKind>,
@@ -276,6 +280,7 @@ impl Engine {
         let want = matches!(force, None | Some(LinkKind::Rdma));
         let mut e = Engine {
             poller: None,
+            waker,
             ctx: None,
             reason: String::new(),
             want,
@@ -305,16 +310,10 @@ impl Engine {
             return e;
         }
         match Context::open(&e.cfg) {
-            Ok(ctx) => match Poller::start(ctx.channel(), waker, e.cfg.busy_poll) {
-                Ok(p) => {
-                    tracing::info!("rdma: using {}", ctx.summary());
-                    e.poller = Some(p);
-                    e.ctx = Some(ctx);
-                }
-                Err(err) => {
-                    e.reason = format!("cannot start the completion poller thread: {err}");
-                }
-            },
+            Ok(ctx) => {
+                tracing::info!("rdma: using {}", ctx.summary());
+                e.ctx = Some(ctx);
+            }
             Err(err) => {
                 e.reason = match err {
                     Error::Unsupported { reason, .. } => reason,
@@ -581,12 +580,10 @@ impl Engine {
             reason: self.reason.clone(),
         })?;
         let cfg = ctx.config().clone();
-        let link = self
-            .links
-            .get_mut(&peer)
-            .ok_or(Error::UnknownPeer { peer })?;
-        if link.qp.is_some() {
-            return Ok(());
+        match self.links.get(&peer) {
+            None => return Err(Error::UnknownPeer { peer }),
+            Some(l) if l.qp.is_some() => return Ok(()),
+            Some(_) => {}
         }
         let chunk = cfg.msg_chunk as usize;
         let (recv, send) = (cfg.recv_depth, cfg.send_depth);
@@ -595,6 +592,15 @@ impl Engine {
         // order); only the NIC writes the receive slots while posted, and send slots are only
         // written while not posted.
         let mr = unsafe { ctx.register(mem.as_ptr() as *mut u8, mem.len()) }?;
+        if self.poller.is_none() {
+            let p = Poller::start(ctx.channel(), self.waker.clone(), cfg.busy_poll)
+                .map_err(|e| Error::io("rdma: start the completion poller thread", e))?;
+            self.poller = Some(p);
+        }
+        let link = self
+            .links
+            .get_mut(&peer)
+            .ok_or(Error::UnknownPeer { peer })?;
         let mut qp = ctx.create_qp(send, recv)?;
         let pool = Pool { mr, mem, chunk };
         let id = self.next_id;

@@ -55,7 +55,8 @@
 //!
 //! # Completions: a poller thread, handed over without locks
 //!
-//! Each `Net` with a device runs one completion poller thread (`bps-rdma-cq`). It drains the
+//! Each `Net` with a device runs one completion poller thread (`bps-rdma-cq`), started with its
+//! first queue pair (a `Net` whose peers all use tcp or shm has none). It drains the
 //! completion queue of every queue pair, busy-polling while completions come and for
 //! [`RdmaConfig::busy_poll`] after the last one (yielding the CPU between rounds), then arms
 //! the CQs and sleeps on the completion channel. What it polls goes into a bounded
