@@ -675,12 +675,7 @@ impl Bps {
         root: u32,
         priority: i32,
     ) -> Result<Handle> {
-        if root >= self.size() {
-            return Err(Error::InvalidArgument(format!(
-                "broadcast of {name:?}: root rank {root} is not below the {} workers",
-                self.size()
-            )));
-        }
+        self.check_root(name, root)?;
         let r = RawSlice {
             addr: buf as usize,
             len: bytes,
@@ -852,12 +847,7 @@ impl Bps {
         root: u32,
         priority: i32,
     ) -> Result<Handle> {
-        if root >= self.size() {
-            return Err(Error::InvalidArgument(format!(
-                "broadcast of {name:?}: root rank {root} is not below the {} workers",
-                self.size()
-            )));
-        }
+        self.check_root(name, root)?;
         self.device_op(name, buf, OpKind::Broadcast { root }, priority)
     }
 
@@ -967,6 +957,16 @@ impl Bps {
     /// The GPUs this process can use, or why it cannot use any.
     pub fn gpus(&self) -> std::result::Result<Vec<crate::gpu::GpuInfo>, String> {
         crate::gpu::probe()
+    }
+
+    fn check_root(&self, name: &str, root: u32) -> Result<()> {
+        if root >= self.size() {
+            return Err(Error::InvalidArgument(format!(
+                "broadcast of {name:?}: root rank {root} is not below the {} workers",
+                self.size()
+            )));
+        }
+        Ok(())
     }
 
     /// Whether an operation finished (no lock).

@@ -754,8 +754,12 @@ impl Engine {
             reason: why,
         };
         self.fail(id, err.clone());
-        // NCCL calls other ranks may be waiting in cannot complete now: abort the
-        // communicator so nothing spins forever, and fail everything after.
+        self.break_engine(err);
+    }
+
+    /// NCCL calls other local ranks may be waiting in cannot complete now: abort the
+    /// communicator so nothing spins forever, and fail everything pending and later.
+    fn break_engine(&mut self, err: Error) {
         if let Some(c) = self.comm.take() {
             // SAFETY: our communicator; abort does not wait for other ranks.
             unsafe {
@@ -1352,19 +1356,7 @@ impl Engine {
         self.fail(id, e.clone());
         if l > 1 {
             // The other local GPUs may wait in the gather step for this one.
-            if let Some(c) = self.comm.take() {
-                // SAFETY: our communicator; abort does not wait for other ranks.
-                unsafe {
-                    nc::ncclCommAbort(c);
-                }
-            }
-            if self.broken.is_none() {
-                self.broken = Some(e.clone());
-            }
-            let ids: Vec<u64> = self.ops.keys().copied().collect();
-            for id in ids {
-                self.fail(id, e.clone());
-            }
+            self.break_engine(e);
         }
     }
 }
