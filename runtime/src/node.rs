@@ -603,7 +603,14 @@ impl Node {
                 }
             }
             Command::Shutdown(tx) => {
-                self.send_sched(&Msg::Goodbye);
+                // Leaving after the job broke is not a clean end: say so, so the scheduler
+                // tells the others (a server must not take the workers' leaving for success).
+                match &self.broken {
+                    Some(e) if self.worker.is_some() => self.send_sched(&Msg::Abort {
+                        reason: e.to_string(),
+                    }),
+                    _ => self.send_sched(&Msg::Goodbye),
+                }
                 self.shutdown = Some((tx, Instant::now()));
             }
             Command::Sched(m) => self.on_sched(m),

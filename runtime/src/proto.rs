@@ -131,6 +131,12 @@ pub enum Msg {
     },
     /// node → scheduler: done.
     Goodbye,
+    /// worker → scheduler: leaving because the job broke here (instead of `Goodbye`): the
+    /// scheduler tells every other process, so none of them takes the end for a clean one.
+    Abort {
+        /// What broke.
+        reason: String,
+    },
     /// scheduler → node: every worker is done, exit.
     Terminate,
     /// scheduler → node: a process died.
@@ -346,6 +352,10 @@ impl Msg {
                 e.bytes(proof);
             }
             Msg::Heartbeat => e = Encoder::with_tag(15),
+            Msg::Abort { reason } => {
+                e = Encoder::with_tag(19);
+                e.str(reason);
+            }
             Msg::GpuId { group, id } => {
                 e = Encoder::with_tag(16);
                 e.u32(*group).bytes(id);
@@ -506,6 +516,9 @@ impl Msg {
                 proof: d.bytes("proof", 64)?.to_vec(),
             },
             15 => Msg::Heartbeat,
+            19 => Msg::Abort {
+                reason: d.str("reason", MAX_STR)?.into(),
+            },
             16 => Msg::GpuId {
                 group: d.u32("group")?,
                 id: d.bytes("nccl id", 128)?.to_vec(),
@@ -625,6 +638,9 @@ mod tests {
             Msg::GpuId {
                 group: 1,
                 id: vec![7; 128],
+            },
+            Msg::Abort {
+                reason: "server 1 lost".into(),
             },
             Msg::GpuReady {
                 tensor: 3,

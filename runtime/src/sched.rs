@@ -94,6 +94,8 @@ struct State {
     assigner: Option<ServerAssigner>,
     partition_bytes: usize,
     barriers: HashMap<u64, HashSet<usize>>,
+    /// Why the job failed, once it did (a lost process, a worker that aborted).
+    failure: Option<String>,
     /// GPU steps waiting for the rest of their host group: (group, tensor, seq, phase) → who.
     gpu_ready: HashMap<(u32, u32, u32, u8), HashSet<usize>>,
     finished: bool,
@@ -343,6 +345,18 @@ impl State {
                     }
                 }
             }
+            Msg::Abort { reason } => {
+                let (label, peer) = match self.nodes.get_mut(&conn) {
+                    Some(n) => {
+                        n.goodbye = true;
+                        (n.label.clone(), n.peer)
+                    }
+                    None => return,
+                };
+                if self.failure.is_none() {
+                    self.job_failed(conn, peer, format!("{label} failed: {reason}"));
+                }
+            }
             Msg::Goodbye => {
                 if let Some(n) = self.nodes.get_mut(&conn) {
                     n.goodbye = true;
@@ -463,6 +477,12 @@ impl State {
             return;
         }
         let reason = format!("{label} died or lost its connection to the scheduler ({why})");
+        self.job_failed(conn, peer, reason);
+    }
+
+    /// Tell everyone but `conn` that the job failed; it cannot finish, so the scheduler is done
+    /// once everyone left.
+    fn job_failed(&mut self, conn: usize, peer: Option<u32>, reason: String) {
         tracing::warn!("scheduler: {reason}");
         let conns: Vec<usize> = self.nodes.keys().copied().collect();
         for c in conns {
@@ -476,7 +496,9 @@ impl State {
                 );
             }
         }
-        // A job that lost a process cannot finish: the scheduler is done once everyone left.
+        if self.failure.is_none() {
+            self.failure = Some(reason);
+        }
         self.finished = true;
     }
 }
@@ -531,6 +553,7 @@ impl Scheduler {
                 partition_bytes: cfg.partition_bytes,
                 barriers: HashMap::new(),
                 gpu_ready: HashMap::new(),
+                failure: None,
                 finished: false,
                 started: Instant::now(),
                 timeout: cfg.timeout,
@@ -568,6 +591,12 @@ impl Scheduler {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .refused
+    }
+
+    /// Why the job failed (a lost process, a worker that left after its job broke), if it did.
+    pub fn failure(&self) -> Option<String> {
+        let (m, _) = &*self.shared;
+        m.lock().unwrap_or_else(|p| p.into_inner()).failure.clone()
     }
 
     /// Block until the job finished (every worker said goodbye, or a process died and every
@@ -949,7 +978,14 @@ pub(crate) fn authenticate_to_scheduler(
 pub fn run_scheduler(cfg: &Config) -> Result<()> {
     let s = Scheduler::start(cfg)?;
     s.wait(None);
-    Ok(())
+    match s.failure() {
+        Some(reason) => Err(Error::Peer {
+            what: "job".into(),
+            peer: String::new(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Connect to the scheduler, retrying until `deadline` (it may not be up yet).
@@ -980,4 +1016,90 @@ pub(crate) fn connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream> 
             "no scheduler answered before the timeout (BPS_TIMEOUT): {last}; is DMLC_PS_ROOT_URI/DMLC_PS_ROOT_PORT right and is the scheduler (or worker 0) running?"
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Lookup;
+    use crate::proto::Register;
+
+    fn join(addr: SocketAddr, role: Role, rank: Option<u32>) -> TcpStream {
+        let mut s = connect(addr, Instant::now() + Duration::from_secs(10)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        authenticate_to_scheduler(&mut s, None).unwrap();
+        let reg = Register {
+            role,
+            rank,
+            local_rank: 0,
+            local_size: 1,
+            num_workers: 1,
+            num_servers: 1,
+            partition_bytes: 4096,
+            lanes: 1,
+            tcp: "127.0.0.1:1".into(),
+            unix: String::new(),
+            host: "h".into(),
+            hostname: "h".into(),
+            pid: 1,
+        };
+        write_msg(&mut s, &Msg::Register(reg)).unwrap();
+        s
+    }
+
+    fn next(s: &mut TcpStream) -> Msg {
+        loop {
+            match read_msg(s).unwrap() {
+                Msg::Heartbeat => continue,
+                m => return m,
+            }
+        }
+    }
+
+    /// A worker that leaves because its job broke must not look like a clean end: the server
+    /// hears of the failure (before any Terminate), and the scheduler reports it.
+    #[test]
+    fn a_worker_leaving_a_broken_job_fails_it_for_the_others() {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let m: HashMap<String, String> = [
+            ("DMLC_NUM_WORKER", "1"),
+            ("DMLC_NUM_SERVER", "1"),
+            ("DMLC_PS_ROOT_URI", "127.0.0.1"),
+            ("DMLC_PS_ROOT_PORT", &port.to_string()),
+            ("BPS_TIMEOUT", "10s"),
+        ]
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+        let cfg = Config::from_lookup(&Lookup::map(&m)).unwrap();
+        let sched = Scheduler::start(&cfg).unwrap();
+        let addr = sched.addr();
+        let server = std::thread::spawn(move || join(addr, Role::Server, None));
+        let mut worker = join(addr, Role::Worker, Some(0));
+        let mut server = server.join().unwrap();
+        assert!(matches!(next(&mut worker), Msg::Welcome { .. }));
+        assert!(matches!(next(&mut server), Msg::Welcome { .. }));
+        write_msg(
+            &mut worker,
+            &Msg::Abort {
+                reason: "server 0 lost".into(),
+            },
+        )
+        .unwrap();
+        match next(&mut server) {
+            Msg::PeerDead { reason, .. } => {
+                assert!(reason.contains("failed: server 0 lost"), "{reason}")
+            }
+            other => panic!("the server must hear of the failure first, got {other:?}"),
+        }
+        drop(worker);
+        drop(server);
+        assert!(sched.wait(Some(Duration::from_secs(10))));
+        let f = sched.failure().expect("the scheduler reports the failure");
+        assert!(f.contains("server 0 lost"), "{f}");
+    }
 }
