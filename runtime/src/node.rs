@@ -874,8 +874,15 @@ impl Node {
         }
         if left == 0 {
             // A GPU operation with no chunk owned here.
-            let drop_regs = self.rdma_links && !self.cfg.rdma_cache_user_memory && req.gpu.is_none();
-            release_op_memory(&mut self.net, &mut w.cache, req.input, req.output, drop_regs);
+            let drop_regs =
+                self.rdma_links && !self.cfg.rdma_cache_user_memory && req.gpu.is_none();
+            release_op_memory(
+                &mut self.net,
+                &mut w.cache,
+                req.input,
+                req.output,
+                drop_regs,
+            );
             req.completer.complete(Ok(()));
             self.start_ready(tensor);
             return;
@@ -1887,7 +1894,13 @@ impl Node {
             let a = t.active.take().expect("active");
             let drop_regs =
                 self.rdma_links && !self.cfg.rdma_cache_user_memory && a.req.gpu.is_none();
-            release_op_memory(&mut self.net, &mut w.cache, a.req.input, a.req.output, drop_regs);
+            release_op_memory(
+                &mut self.net,
+                &mut w.cache,
+                a.req.input,
+                a.req.output,
+                drop_regs,
+            );
             a.req.completer.complete(Ok(()));
             self.start_ready(tensor);
         }
