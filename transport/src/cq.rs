@@ -52,7 +52,7 @@
 //!   only if the state is `FAILED`. The state has one writer, so a plain store suffices.
 //! * Waiting spins briefly (`crossbeam_utils::Backoff`: ~130 pause instructions then four
 //!   `sched_yield`s, a few µs; a cross-core wake-up costs far more), then sets `waiters`,
-//!   issues the *heavy* fence of an asymmetric pair ([`crate::primitive::asym`]), re-reads the
+//!   issues the *heavy* fence of an asymmetric pair (`primitive::asym`), re-reads the
 //!   state and sleeps on a Linux futex on the state word, expecting `PENDING`. The completer,
 //!   after its store, issues the *light* fence and loads `waiters`: it calls `FUTEX_WAKE` only
 //!   when the flag is set. This is the store-buffering pattern (each side stores its word,
