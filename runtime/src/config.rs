@@ -106,6 +106,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_RDMA_RECV_DEPTH", "BYTEPS_RDMA_RX_DEPTH"], default: "256", allowed: "1..=65536", doc: "pre-posted receives per queue pair" },
     Tunable { names: &["BPS_RDMA_INLINE_BYTES"], default: "64", allowed: "0..=1024", doc: "largest inline send" },
     Tunable { names: &["BPS_RDMA_MAX_REGISTERED_BYTES"], default: "0", allowed: "bytes (0 = follow ulimit -l)", doc: "most memory registered with the NIC" },
+    Tunable { names: &["BPS_RDMA_BUSY_POLL_US"], default: "20", allowed: "microseconds 0..=10000", doc: "how long the rdma completion poller keeps polling after the last completion before it sleeps on the completion channel" },
     Tunable { names: &["BPS_RDMA_CACHE_USER_MEMORY"], default: "0", allowed: "0 or 1", doc: "keep the NIC registration of the application's tensors between operations over rdma (1 only if tensor memory is never freed and reused while bps runs: a registration pins the old pages)" },
     Tunable { names: &["BPS_SERVER_MAX_BYTES"], default: "", allowed: "bytes >= 1 MiB", doc: "most memory a process spends on key buffers as a server (default: 3/4 of physical memory); keys beyond it are refused with an error" },
     Tunable { names: &["BPS_JOB_SECRET"], default: "", allowed: "any non-empty string (bps-launch generates one per job)", doc: "job secret: every connection proves it holds it (HMAC challenge-response) before anything else is accepted; unset = no authentication. Never printed" },
@@ -488,6 +489,9 @@ impl Config {
         rdma.max_registered_bytes = l
             .parse("BPS_RDMA_MAX_REGISTERED_BYTES", |_: &u64| true)?
             .unwrap_or(rdma.max_registered_bytes);
+        if let Some(us) = l.parse("BPS_RDMA_BUSY_POLL_US", |v: &u64| *v <= 10_000)? {
+            rdma.busy_poll = Duration::from_micros(us);
+        }
         let rdma_cache_user_memory = l
             .parse("BPS_RDMA_CACHE_USER_MEMORY", |v: &u8| *v <= 1)?
             .unwrap_or(0)
@@ -560,6 +564,26 @@ mod tests {
         assert_eq!(c.credit_bytes, 16 << 20);
         assert_eq!(c.timeout, Duration::from_secs(60));
         assert!(c.embed_scheduler, "a lone worker hosts its scheduler");
+    }
+
+    #[test]
+    fn rdma_poller_and_registration_tunables() {
+        let c = cfg(&[
+            ("BPS_RDMA_BUSY_POLL_US", "50"),
+            ("BPS_RDMA_CACHE_USER_MEMORY", "1"),
+        ])
+        .unwrap();
+        assert_eq!(c.rdma.busy_poll, Duration::from_micros(50));
+        assert!(c.rdma_cache_user_memory);
+        assert!(!cfg(&[]).unwrap().rdma_cache_user_memory, "off by default");
+        let e = cfg(&[("BPS_RDMA_BUSY_POLL_US", "20000")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BPS_RDMA_BUSY_POLL_US"), "{e}");
+        let e = cfg(&[("BPS_RDMA_CACHE_USER_MEMORY", "yes")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("BPS_RDMA_CACHE_USER_MEMORY"), "{e}");
     }
 
     #[test]
