@@ -217,6 +217,7 @@ fn start(cfg: Config) -> Result<Inner> {
         num_workers: cfg.num_workers,
         num_servers: cfg.num_servers,
         partition_bytes: cfg.partition_bytes as u64,
+        min_chunks: cfg.min_chunks_per_server,
         lanes: cfg.tcp_lanes,
         tcp: addr.tcp.to_string(),
         unix: addr
@@ -252,32 +253,39 @@ fn start(cfg: Config) -> Result<Inner> {
     stream
         .set_read_timeout(Some(cfg.timeout))
         .map_err(|e| rv(e.to_string()))?;
-    let (rank, me, num_workers, num_servers, local_size, partition_bytes, book) = match welcome {
-        Msg::Welcome {
-            rank,
-            peer,
-            num_workers,
-            num_servers,
-            local_size,
-            partition_bytes,
-            book,
-        } => (
-            rank,
-            peer,
-            num_workers,
-            num_servers,
-            local_size,
-            partition_bytes,
-            book,
-        ),
-        Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
-        other => return Err(rv(format!("unexpected answer {other:?}"))),
-    };
+    let (rank, me, num_workers, num_servers, local_size, partition_bytes, min_chunks, book) =
+        match welcome {
+            Msg::Welcome {
+                rank,
+                peer,
+                num_workers,
+                num_servers,
+                local_size,
+                partition_bytes,
+                min_chunks,
+                book,
+            } => (
+                rank,
+                peer,
+                num_workers,
+                num_servers,
+                local_size,
+                partition_bytes,
+                min_chunks,
+                book,
+            ),
+            Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
+            other => return Err(rv(format!("unexpected answer {other:?}"))),
+        };
     // Servers adopt the job's partition size (it bounds what a push may claim).
     let mut cfg = cfg;
     if partition_bytes > 0 {
         cfg.partition_bytes = partition_bytes as usize;
     }
+    // Everyone cuts tensors by the job's rule, with the job's shape.
+    cfg.min_chunks_per_server = min_chunks;
+    cfg.num_workers = num_workers;
+    cfg.num_servers = num_servers;
     // Re-bind with our id: Net's id is part of every Hello, so the listener made above is kept
     // by rebuilding the config and swapping the id in place.
     net.set_local_peer(PeerId(me));
@@ -932,6 +940,11 @@ impl Bps {
             local_size: self.local_size().max(1),
             local_reduce: self.local_reduce() || self.local_size() <= 1,
             partition_bytes: self.inner.cfg.partition_bytes,
+            num_servers: match self.num_servers() {
+                0 => self.size(),
+                s => s,
+            },
+            min_chunks_per_server: self.inner.cfg.min_chunks_per_server,
             credit_bytes: self.inner.cfg.credit_bytes,
             timeout: self.inner.cfg.timeout,
             server_link: match self.inner.cfg.transport {

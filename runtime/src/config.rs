@@ -85,6 +85,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BYTEPS_LOCAL_RANK", "LOCAL_RANK"], default: "0", allowed: "integer in 0..local size", doc: "rank among the workers of this host" },
     Tunable { names: &["BYTEPS_LOCAL_SIZE", "LOCAL_WORLD_SIZE"], default: "1", allowed: "integer >= 1", doc: "workers on this host" },
     Tunable { names: &["BYTEPS_PARTITION_BYTES"], default: "4194304", allowed: "bytes, 4096 ..= 1 GiB", doc: "chunk size tensors are cut into (rounded down to the element size)" },
+    Tunable { names: &["BPS_MIN_CHUNKS_PER_SERVER"], default: "64", allowed: "integer >= 0 (0 = fixed partitions, as BytePS)", doc: "a tensor is cut into partitions smaller than BYTEPS_PARTITION_BYTES (down to 128 KiB) until each server gets this many chunks of it" },
     Tunable { names: &["BYTEPS_SCHEDULING_CREDIT"], default: "4", allowed: "integer >= 0 (0 = flow control off)", doc: "partitions a worker may be pushing at once (BytePS semantics; a partition's credit returns when its push has left, so pulls overlap later pushes)" },
     Tunable { names: &["BPS_CREDIT_BYTES"], default: "", allowed: "bytes >= 1", doc: "bytes a worker may be pushing at once; overrides BYTEPS_SCHEDULING_CREDIT" },
     Tunable { names: &["BYTEPS_SERVER_ENGINE_THREAD"], default: "4", allowed: "integer 1..=256", doc: "summation threads per server" },
@@ -248,6 +249,8 @@ pub struct Config {
     pub local_size: u32,
     /// Partition size in bytes.
     pub partition_bytes: usize,
+    /// Adaptive partitioning: chunks per server a tensor is cut into at least (0 = off).
+    pub min_chunks_per_server: u32,
     /// Credit in bytes in flight (u64::MAX = off).
     pub credit_bytes: u64,
     /// Summation threads.
@@ -306,6 +309,23 @@ pub fn interface_addr(name: &str) -> Option<std::net::IpAddr> {
 }
 
 impl Config {
+    /// The partition size of a tensor of `total_bytes` in this job:
+    /// [`bps_scheduler::adaptive_partition_bytes`] with the job's servers (every worker serves
+    /// when servers are colocated). The scheduler places chunks by the same rule.
+    pub fn tensor_partition_bytes(&self, total_bytes: usize) -> usize {
+        let servers = if self.num_servers == 0 {
+            self.num_workers
+        } else {
+            self.num_servers
+        };
+        bps_scheduler::adaptive_partition_bytes(
+            total_bytes,
+            self.partition_bytes,
+            servers,
+            self.min_chunks_per_server,
+        )
+    }
+
     /// Read the configuration from the process environment.
     ///
     /// # Errors
@@ -370,6 +390,9 @@ impl Config {
                 (4096..=1 << 30).contains(v)
             })?
             .unwrap_or(4 << 20);
+        let min_chunks_per_server: u32 = l
+            .parse("BPS_MIN_CHUNKS_PER_SERVER", |v: &u32| *v <= 1 << 20)?
+            .unwrap_or(bps_scheduler::DEFAULT_MIN_CHUNKS_PER_SERVER);
         let credit_parts: u64 = l
             .parse("BYTEPS_SCHEDULING_CREDIT", |_: &u64| true)?
             .unwrap_or(4);
@@ -511,6 +534,7 @@ impl Config {
             local_rank,
             local_size,
             partition_bytes,
+            min_chunks_per_server,
             credit_bytes,
             engine_threads,
             timeout,

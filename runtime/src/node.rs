@@ -742,7 +742,7 @@ impl Node {
             req.completer.complete(Err(Error::ShutDown));
             return;
         }
-        let partition_bytes = self.cfg.partition_bytes;
+        let partition_bytes = self.cfg.tensor_partition_bytes(req.bytes);
         let Some(w) = self.worker.as_mut() else {
             req.completer.complete(Err(Error::InvalidArgument(
                 "this process is not a worker".into(),

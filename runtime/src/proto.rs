@@ -53,6 +53,8 @@ pub struct Register {
     pub num_servers: u32,
     /// Its partition size (must agree).
     pub partition_bytes: u64,
+    /// Its adaptive-partitioning setting, chunks per server (must agree; 0 = off).
+    pub min_chunks: u32,
     /// TCP lanes (must agree).
     pub lanes: u32,
     /// Where it listens.
@@ -86,6 +88,8 @@ pub enum Msg {
         local_size: u32,
         /// Partition size of the job (the workers' BYTEPS_PARTITION_BYTES).
         partition_bytes: u64,
+        /// Adaptive partitioning of the job (the workers' BPS_MIN_CHUNKS_PER_SERVER).
+        min_chunks: u32,
         /// Everyone.
         book: Vec<BookEntry>,
     },
@@ -267,6 +271,7 @@ impl Msg {
                     .u32(r.num_workers)
                     .u32(r.num_servers)
                     .u64(r.partition_bytes)
+                    .u32(r.min_chunks)
                     .u32(r.lanes)
                     .str(&r.tcp)
                     .str(&r.unix)
@@ -281,6 +286,7 @@ impl Msg {
                 num_servers,
                 local_size,
                 partition_bytes,
+                min_chunks,
                 book,
             } => {
                 e = Encoder::with_tag(2);
@@ -290,6 +296,7 @@ impl Msg {
                     .u32(*num_servers)
                     .u32(*local_size)
                     .u64(*partition_bytes)
+                    .u32(*min_chunks)
                     .u32(book.len() as u32);
                 for b in book {
                     e.u32(b.peer);
@@ -432,6 +439,7 @@ impl Msg {
                     num_workers: d.u32("workers")?,
                     num_servers: d.u32("servers")?,
                     partition_bytes: d.u64("partition bytes")?,
+                    min_chunks: d.u32("chunks per server")?,
                     lanes: d.u32("lanes")?,
                     tcp: d.str("tcp address", MAX_STR)?.into(),
                     unix: d.str("unix path", MAX_STR)?.into(),
@@ -447,6 +455,7 @@ impl Msg {
                 let num_servers = d.u32("servers")?;
                 let local_size = d.u32("local size")?;
                 let partition_bytes = d.u64("partition bytes")?;
+                let min_chunks = d.u32("chunks per server")?;
                 // each entry is at least 4 + 1 + 4 + 4*4 bytes
                 let n = d.count("address book", 25, MAX_ENTRIES)?;
                 let mut book = Vec::with_capacity(n);
@@ -468,6 +477,7 @@ impl Msg {
                     num_servers,
                     local_size,
                     partition_bytes,
+                    min_chunks,
                     book,
                 }
             }
@@ -585,6 +595,7 @@ mod tests {
                 num_workers: 4,
                 num_servers: 2,
                 partition_bytes: 4 << 20,
+                min_chunks: 64,
                 lanes: 2,
                 tcp: "127.0.0.1:5".into(),
                 unix: "/tmp/x".into(),
@@ -599,6 +610,7 @@ mod tests {
                 num_servers: 2,
                 local_size: 2,
                 partition_bytes: 4096,
+                min_chunks: 0,
                 book: vec![BookEntry {
                     peer: 0,
                     role: Role::Worker,

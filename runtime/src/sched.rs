@@ -93,6 +93,8 @@ struct State {
     tensors: HashMap<u32, TensorRec>,
     assigner: Option<ServerAssigner>,
     partition_bytes: usize,
+    /// The job's adaptive partitioning (chunks per server; 0 = fixed partitions).
+    min_chunks: u32,
     barriers: HashMap<u64, HashSet<usize>>,
     /// Why the job failed, once it did (a lost process, a worker that aborted).
     failure: Option<String>,
@@ -165,6 +167,12 @@ impl State {
                     diffs.push(format!(
                         "BYTEPS_PARTITION_BYTES {} vs {}",
                         r.partition_bytes, w.reg.partition_bytes
+                    ));
+                }
+                if w.reg.min_chunks != r.min_chunks {
+                    diffs.push(format!(
+                        "BPS_MIN_CHUNKS_PER_SERVER {} vs {}",
+                        r.min_chunks, w.reg.min_chunks
                     ));
                 }
             }
@@ -262,9 +270,13 @@ impl State {
             .collect();
         book.sort_by_key(|b| b.peer);
         // The job's partition size is the workers' (servers and the scheduler adopt it).
-        let first_worker = self.workers().next().map(|(_, n)| n.reg.partition_bytes);
-        if let Some(p) = first_worker {
+        let first_worker = self
+            .workers()
+            .next()
+            .map(|(_, n)| (n.reg.partition_bytes, n.reg.min_chunks));
+        if let Some((p, k)) = first_worker {
             self.partition_bytes = p as usize;
+            self.min_chunks = k;
         }
         for (c, n) in &self.nodes {
             self.send(
@@ -276,6 +288,7 @@ impl State {
                     num_servers: self.expect_servers,
                     local_size: self.local_size(),
                     partition_bytes: self.partition_bytes as u64,
+                    min_chunks: self.min_chunks,
                     book: book.clone(),
                 },
             );
@@ -425,7 +438,18 @@ impl State {
             );
             return;
         };
-        let chunks = match partition(bytes as usize, dt.size(), self.partition_bytes) {
+        let servers = if self.expect_servers == 0 {
+            self.expect_workers
+        } else {
+            self.expect_servers
+        };
+        let part = bps_scheduler::adaptive_partition_bytes(
+            bytes as usize,
+            self.partition_bytes,
+            servers,
+            self.min_chunks,
+        );
+        let chunks = match partition(bytes as usize, dt.size(), part) {
             Ok(c) => c,
             Err(e) => {
                 self.send(
@@ -551,6 +575,7 @@ impl Scheduler {
                 tensors: HashMap::new(),
                 assigner: None,
                 partition_bytes: cfg.partition_bytes,
+                min_chunks: cfg.min_chunks_per_server,
                 barriers: HashMap::new(),
                 gpu_ready: HashMap::new(),
                 failure: None,
@@ -1036,6 +1061,7 @@ mod tests {
             num_workers: 1,
             num_servers: 1,
             partition_bytes: 4096,
+            min_chunks: 64,
             lanes: 1,
             tcp: "127.0.0.1:1".into(),
             unix: String::new(),

@@ -367,3 +367,76 @@ fn server_memory_is_bounded() {
         },
     );
 }
+
+/// Adaptive partitioning: every process learns the job's rule from the scheduler, tensors of
+/// every size (one chunk, a few, many per server) sum exactly under it, and with the rule off
+/// the configured partition is used as is.
+#[test]
+fn adaptive_partitions_are_the_jobs_and_sum_exactly() {
+    for (setting, want_1m) in [
+        (None, 128 << 10),
+        (Some("0"), 4 << 20),
+        (Some("2"), 256 << 10),
+    ] {
+        let extra: Vec<(&str, &str)> = setting
+            .map(|s| vec![("BPS_MIN_CHUNKS_PER_SERVER", s)])
+            .unwrap_or_default();
+        job(2, 2, &extra, move |b| {
+            assert_eq!(
+                b.config().tensor_partition_bytes(1 << 20),
+                want_1m,
+                "{setting:?}"
+            );
+            assert_eq!(b.config().num_servers, 2);
+            let r = b.rank() as f32;
+            for n in [1usize, 1000, 1 << 18, (3 << 18) + 7] {
+                let v: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 + r).collect();
+                let out = b
+                    .push_pull(&format!("a{n}"), v, PushPullOpts::default())
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                for (i, x) in out.iter().enumerate() {
+                    assert_eq!(*x, 2.0 * (i % 1000) as f32 + 1.0, "{setting:?} n {n} i {i}");
+                }
+            }
+        });
+    }
+}
+
+/// Workers that disagree on BPS_MIN_CHUNKS_PER_SERVER would cut tensors differently: the
+/// scheduler refuses the second one, naming the variable and both values.
+#[test]
+fn workers_disagreeing_on_min_chunks_are_refused() {
+    let port = free_port().to_string();
+    let worker = |rank: u32, k: &str| {
+        cfg(&[
+            ("DMLC_ROLE", "worker".into()),
+            ("DMLC_NUM_WORKER", "2".into()),
+            ("DMLC_NUM_SERVER", "0".into()),
+            ("DMLC_PS_ROOT_URI", "127.0.0.1".into()),
+            ("DMLC_PS_ROOT_PORT", port.clone()),
+            ("BPS_TIMEOUT", "3s".into()),
+            ("BPS_RANK", rank.to_string()),
+            (
+                "BPS_EMBED_SCHEDULER",
+                if rank == 0 { "1" } else { "0" }.into(),
+            ),
+            ("BPS_MIN_CHUNKS_PER_SERVER", k.into()),
+        ])
+    };
+    let (a, b) = (worker(0, "64"), worker(1, "8"));
+    let t0 = std::thread::spawn(move || Bps::init_with(a).map(|b| b.shutdown()));
+    std::thread::sleep(Duration::from_millis(300));
+    let t1 = std::thread::spawn(move || Bps::init_with(b).map(|b| b.shutdown()));
+    let errs: Vec<String> = [t0, t1]
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().err().map(|e| e.to_string()))
+        .collect();
+    assert!(
+        errs.iter().any(|e| e.contains("BPS_MIN_CHUNKS_PER_SERVER")
+            && e.contains('8')
+            && e.contains("64")),
+        "{errs:?}"
+    );
+}

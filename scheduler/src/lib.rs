@@ -63,6 +63,9 @@ pub use assign::ServerAssigner;
 pub use config::{SchedulingConfig, DEFAULT_CREDIT_PARTITIONS};
 pub use error::Error;
 pub use ids::{ChunkIndex, Key, Priority, ServerIndex, TensorId};
-pub use partition::{chunk_bytes, partition, Chunk, DEFAULT_PARTITION_BYTES};
+pub use partition::{
+    adaptive_partition_bytes, chunk_bytes, partition, Chunk, ADAPTIVE_FLOOR_BYTES,
+    DEFAULT_MIN_CHUNKS_PER_SERVER, DEFAULT_PARTITION_BYTES,
+};
 pub use queue::CreditQueue;
 pub use stage::Stage;

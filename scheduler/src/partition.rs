@@ -5,6 +5,56 @@ use crate::{ChunkIndex, Error};
 /// The default partition size, 4 MiB (BytePS's `BYTEPS_PARTITION_BYTES` default).
 pub const DEFAULT_PARTITION_BYTES: usize = 4 << 20;
 
+/// The adaptive rule never cuts below this (unless the configured partition is smaller).
+pub const ADAPTIVE_FLOOR_BYTES: usize = 128 << 10;
+
+/// Chunks per server the adaptive rule aims for (`BPS_MIN_CHUNKS_PER_SERVER`).
+pub const DEFAULT_MIN_CHUNKS_PER_SERVER: u32 = 64;
+
+/// The partition size for one tensor: `partition_bytes`, or less for a tensor that would
+/// otherwise give fewer than `min_chunks_per_server` chunks to each of `servers` servers.
+///
+/// A fixed partition size suits one link speed only. With BytePS's 4 MiB, a 64 MiB tensor gives
+/// each of 4 servers 4 chunks: the servers' pulls of the last round cannot overlap anything, and a
+/// tensor of at most 4 MiB lands on one server, whose link then carries every worker's copy.
+/// Cutting each tensor into at least `servers × min_chunks_per_server` chunks spreads it over all
+/// servers and keeps the pipeline's fill and drain to a few percent of the transfer. The result
+/// is rounded up to 4 KiB, never exceeds `partition_bytes` and never goes below
+/// [`ADAPTIVE_FLOOR_BYTES`] (or `partition_bytes`, if that is smaller), so small tensors are not
+/// shredded into per-message overhead. `min_chunks_per_server == 0` or `servers == 0` turns the
+/// rule off (BytePS's fixed partitions).
+///
+/// Every process of a job must call this with the same arguments: the scheduler places the chunks
+/// it computes and the workers cut the tensor the same way.
+///
+/// # Examples
+///
+/// ```
+/// use bps_scheduler::adaptive_partition_bytes;
+///
+/// // 64 MiB over 4 servers, 64 chunks each: 256 KiB partitions
+/// assert_eq!(adaptive_partition_bytes(64 << 20, 4 << 20, 4, 64), 256 << 10);
+/// // a 1 GiB tensor keeps the configured 4 MiB
+/// assert_eq!(adaptive_partition_bytes(1 << 30, 4 << 20, 4, 64), 4 << 20);
+/// // small tensors stop at the 128 KiB floor
+/// assert_eq!(adaptive_partition_bytes(1 << 20, 4 << 20, 4, 64), 128 << 10);
+/// // off
+/// assert_eq!(adaptive_partition_bytes(64 << 20, 4 << 20, 4, 0), 4 << 20);
+/// ```
+pub fn adaptive_partition_bytes(
+    total_bytes: usize,
+    partition_bytes: usize,
+    servers: u32,
+    min_chunks_per_server: u32,
+) -> usize {
+    if servers == 0 || min_chunks_per_server == 0 {
+        return partition_bytes;
+    }
+    let want = (servers as usize).saturating_mul(min_chunks_per_server as usize);
+    let per_chunk = total_bytes.div_ceil(want).next_multiple_of(4096);
+    per_chunk.clamp(ADAPTIVE_FLOOR_BYTES.min(partition_bytes), partition_bytes)
+}
+
 /// One contiguous byte range of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Chunk {
@@ -176,6 +226,34 @@ mod tests {
         assert_eq!(DEFAULT_PARTITION_BYTES, 4 * 1024 * 1024);
         let c = partition(10 << 20, 4, DEFAULT_PARTITION_BYTES).unwrap();
         assert_eq!(lens(&c), [4 << 20, 4 << 20, 2 << 20]);
+    }
+
+    #[test]
+    fn adaptive_partition_is_bounded_and_gives_enough_chunks() {
+        for servers in [1u32, 2, 4, 8, 16] {
+            for p in [4096usize, 64 << 10, 1 << 20, 4 << 20, 1 << 30] {
+                for total in [0usize, 1, 4096, 1 << 20, 64 << 20, 1 << 30] {
+                    for k in [0u32, 1, 16, 64] {
+                        let a = adaptive_partition_bytes(total, p, servers, k);
+                        assert!(a <= p, "{total} {p} {servers} {k}: {a}");
+                        if k == 0 {
+                            assert_eq!(a, p);
+                            continue;
+                        }
+                        assert!(a >= ADAPTIVE_FLOOR_BYTES.min(p));
+                        let chunks = total.div_ceil(a);
+                        // enough chunks unless a bound (floor or configured size) was hit
+                        if a > ADAPTIVE_FLOOR_BYTES.min(p) && a < p {
+                            assert!(
+                                chunks + servers as usize > (servers * k) as usize,
+                                "{total} {p} {servers} {k}: {a} gives {chunks}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(adaptive_partition_bytes(64 << 20, 4 << 20, 0, 64), 4 << 20);
     }
 
     #[test]

@@ -158,10 +158,26 @@ pub(crate) struct Shape {
     pub local_size: u32,
     pub local_reduce: bool,
     pub partition_bytes: usize,
+    /// Servers of the job (every worker when colocated) and chunks per server wanted: the
+    /// adaptive partition rule, applied as the scheduler applies it.
+    pub num_servers: u32,
+    pub min_chunks_per_server: u32,
     pub credit_bytes: u64,
     pub timeout: Duration,
     /// How this worker reaches the servers (for the GPUDirect decision).
     pub server_link: bps_transport::LinkKind,
+}
+
+impl Shape {
+    /// The partition size of a tensor of `total_bytes` (the job's adaptive rule).
+    fn tensor_partition_bytes(&self, total_bytes: usize) -> usize {
+        bps_scheduler::adaptive_partition_bytes(
+            total_bytes,
+            self.partition_bytes,
+            self.num_servers,
+            self.min_chunks_per_server,
+        )
+    }
 }
 
 /// Links from the engine to the rest of the process.
@@ -799,7 +815,7 @@ impl Engine {
         let chunks = match partition(
             op.buf.bytes,
             op.buf.dtype.size(),
-            self.shape.partition_bytes,
+            self.shape.tensor_partition_bytes(op.buf.bytes),
         ) {
             Ok(c) => c,
             Err(e) => {
