@@ -232,6 +232,80 @@ fn expected(
     }
 }
 
+/// One size's inputs and expected result, computed once: the input of (tensor, iteration) is
+/// the rank's base pattern rotated by [`Pattern::shift`] elements, so its exact sum is the base
+/// sum rotated by the same amount (every operation is element-wise). Checking an iteration is
+/// then a rotated compare instead of regenerating every worker's input and summing them again:
+/// the check no longer competes for the CPU with the transfers it measures.
+struct Pattern {
+    elem: usize,
+    count: usize,
+    mine: Vec<u8>,
+    want: Vec<u8>,
+}
+
+impl Pattern {
+    fn new(
+        args: &RunArgs,
+        dtype: DType,
+        bytes: usize,
+        size: u32,
+        rank: u32,
+        root: u32,
+        group: u32,
+    ) -> Self {
+        let mine = gen(dtype, bytes, rank, 0, 0);
+        let want = if args.check {
+            expected(args, dtype, bytes, size, 0, 0, root, group)
+        } else {
+            Vec::new()
+        };
+        Pattern {
+            elem: dtype.size(),
+            count: bytes / dtype.size(),
+            mine,
+            want,
+        }
+    }
+
+    /// Rotation (in elements) of tensor `t`'s input at iteration `it`: differs from one
+    /// iteration and tensor to the next (a stale or swapped result does not match).
+    fn shift(&self, t: u32, it: u32, k: u32) -> usize {
+        if self.count == 0 {
+            return 0;
+        }
+        let step = (it as u64) * (k as u64) + t as u64;
+        (step.wrapping_mul(7919).wrapping_add(step) % self.count as u64) as usize
+    }
+
+    /// `base` rotated left by `shift` elements.
+    fn rotated(&self, base: &[u8], shift: usize) -> Vec<u8> {
+        let cut = shift * self.elem;
+        let mut out = Vec::with_capacity(base.len());
+        out.extend_from_slice(&base[cut..]);
+        out.extend_from_slice(&base[..cut]);
+        out
+    }
+
+    fn input(&self, shift: usize) -> Vec<u8> {
+        self.rotated(&self.mine, shift)
+    }
+
+    /// First byte where `got` differs from the expected result at this rotation, if any.
+    fn mismatch(&self, got: &[u8], shift: usize) -> Option<usize> {
+        if got.len() != self.want.len() {
+            return Some(got.len().min(self.want.len()));
+        }
+        let cut = shift * self.elem;
+        let head = self.want.len() - cut;
+        let diff = |a: &[u8], b: &[u8], at: usize| {
+            (a != b).then(|| at + a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0))
+        };
+        diff(&got[..head], &self.want[cut..], 0)
+            .or_else(|| diff(&got[head..], &self.want[..cut], head))
+    }
+}
+
 struct Row {
     bytes: usize,
     dtype: DType,
@@ -271,9 +345,18 @@ fn run(bps: &Bps, args: &RunArgs, progress: &mut progress::Progress) -> Result<V
             progress.begin(&format!("{} {}", dtype.name(), human(bytes)));
             let mut times = Vec::new();
             let mut wrong = 0u64;
-            bps.barrier().map_err(|e| e.to_string())?;
+            let group = if bps.local_reduce() {
+                bps.local_size()
+            } else {
+                1
+            };
+            let pattern = Pattern::new(args, dtype, bytes, n, rank, root, group);
             for it in 0..args.warmup + args.iters {
-                let bufs: Vec<Vec<u8>> = (0..k).map(|t| gen(dtype, bytes, rank, t, it)).collect();
+                let shifts: Vec<usize> = (0..k).map(|t| pattern.shift(t, it, k)).collect();
+                let bufs: Vec<Vec<u8>> = shifts.iter().map(|&s| pattern.input(s)).collect();
+                // Every worker starts the timed part together (as the Gloo and NCCL scripts do):
+                // a worker still checking the previous iteration is not timed as network time.
+                bps.barrier().map_err(|e| e.to_string())?;
                 let t0 = Instant::now();
                 let mut pending = Vec::new();
                 for (t, b) in bufs.into_iter().enumerate() {
@@ -312,17 +395,9 @@ fn run(bps: &Bps, args: &RunArgs, progress: &mut progress::Progress) -> Result<V
                 }
                 if args.check {
                     for (t, b) in results.iter().enumerate() {
-                        let group = if bps.local_reduce() {
-                            bps.local_size()
-                        } else {
-                            1
-                        };
-                        let want = expected(args, dtype, bytes, n, t as u32, it, root, group);
-                        if *b != want {
+                        if let Some(first) = pattern.mismatch(b, shifts[t]) {
                             wrong += 1;
                             if wrong <= 3 {
-                                let first =
-                                    b.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
                                 eprintln!(
                                     "bps-bench: rank {rank}: WRONG result for {} {} bytes tensor {t} iteration {it} (first difference at byte {first})",
                                     dtype, bytes
@@ -723,5 +798,78 @@ mod tests {
     fn generated_inputs_are_deterministic_and_differ_by_rank() {
         assert_eq!(gen(DType::F32, 64, 1, 0, 0), gen(DType::F32, 64, 1, 0, 0));
         assert_ne!(gen(DType::F32, 64, 1, 0, 0), gen(DType::F32, 64, 2, 0, 0));
+    }
+
+    fn run_args(extra: &[&str]) -> RunArgs {
+        #[derive(Parser)]
+        struct T {
+            #[command(flatten)]
+            a: RunArgs,
+        }
+        let mut argv = vec!["t", "--check"];
+        argv.extend_from_slice(extra);
+        T::parse_from(argv).a
+    }
+
+    /// The rotated expected result is exactly the sum of the rotated inputs, for every dtype,
+    /// with and without averaging and local groups: the cheap check is the full check.
+    #[test]
+    fn rotated_pattern_equals_the_sum_of_rotated_inputs() {
+        for average in [false, true] {
+            let args = if average {
+                run_args(&["--average"])
+            } else {
+                run_args(&[])
+            };
+            for dtype in DType::ALL {
+                let bytes = 37 * dtype.size();
+                let n = 4;
+                for group in [1, 2] {
+                    let p = Pattern::new(&args, dtype, bytes, n, 0, 0, group);
+                    for (t, it) in [(0, 0), (0, 1), (2, 5), (1, 9)] {
+                        let s = p.shift(t, it, 3);
+                        let inputs: Vec<Vec<u8>> = (0..n)
+                            .map(|r| Pattern::new(&args, dtype, bytes, n, r, 0, group).input(s))
+                            .collect();
+                        let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+                        let mut sum = if group > 1 {
+                            let g: Vec<Vec<u8>> =
+                                refs.chunks(2).map(|c| reference_sum(dtype, c)).collect();
+                            let g: Vec<&[u8]> = g.iter().map(|v| v.as_slice()).collect();
+                            reference_sum(dtype, &g)
+                        } else {
+                            reference_sum(dtype, &refs)
+                        };
+                        if average {
+                            scale_div(dtype, &mut sum, n).unwrap();
+                        }
+                        assert_eq!(p.mismatch(&sum, s), None, "{dtype} t{t} it{it} g{group}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A wrong, stale or swapped result is caught, at the right byte.
+    #[test]
+    fn the_check_catches_wrong_stale_and_swapped_results() {
+        let args = run_args(&[]);
+        let p = Pattern::new(&args, DType::F32, 4096, 2, 0, 0, 1);
+        let s1 = p.shift(0, 1, 2);
+        let good = p.rotated(&p.want, s1);
+        assert_eq!(p.mismatch(&good, s1), None);
+        let mut bad = good.clone();
+        bad[1000] ^= 1;
+        assert_eq!(p.mismatch(&bad, s1), Some(1000));
+        // the previous iteration's result, or the other tensor's, is not this one
+        assert_ne!(p.shift(0, 0, 2), s1);
+        assert_ne!(p.shift(1, 1, 2), s1);
+        assert!(p
+            .mismatch(&p.rotated(&p.want, p.shift(0, 0, 2)), s1)
+            .is_some());
+        assert!(p
+            .mismatch(&p.rotated(&p.want, p.shift(1, 1, 2)), s1)
+            .is_some());
+        assert!(p.mismatch(&good[..4092], s1).is_some());
     }
 }
