@@ -479,15 +479,16 @@ fn write_json(
     bps: &Bps,
 ) -> std::io::Result<()> {
     use serde_json::json;
+    let cfg = bps.config();
     let rows: Vec<_> = rows
         .iter()
         .map(|r| {
             json!({"bytes": r.bytes, "count": r.bytes / r.dtype.size(), "dtype": r.dtype.name(),
                    "time_us_median": r.median_us, "time_us_p99": r.p99_us,
-                   "algbw_gbs": r.algbw, "busbw_gbs": r.busbw, "wrong": r.wrong})
+                   "algbw_gbs": r.algbw, "busbw_gbs": r.busbw, "wrong": r.wrong,
+                   "partition_bytes": cfg.tensor_partition_bytes(r.bytes)})
         })
         .collect();
-    let cfg = bps.config();
     let doc = json!({
         "version": env!("CARGO_PKG_VERSION"),
         "commit": sysinfo::commit(),
@@ -502,6 +503,7 @@ fn write_json(
         "warmup": args.warmup,
         "check": args.check,
         "partition_bytes": cfg.partition_bytes,
+        "min_chunks_per_server": cfg.min_chunks_per_server,
         "credit_bytes": cfg.credit_bytes,
         "transport": format!("{:?}", cfg.transport),
         "rows": rows,
