@@ -1101,6 +1101,45 @@ impl Net {
         self.rdma.stats()
     }
 
+    /// Registers device memory for one-sided writes over rdma links (GPUDirect RDMA): `len`
+    /// bytes at `offset` of the dma-buf `fd` (e.g. from `cuMemGetHandleForAddressRange(…
+    /// DMA_BUF_FD…)`) are registered with the NIC at once (`ibv_reg_dmabuf_mr`), addressed by
+    /// `iova` (usually the device pointer; it must agree with `offset` within a page). The
+    /// returned [`Region`] is used as one from [`Transport::register`]: its token is a source of
+    /// [`Transport::try_write_imm`] and a destination peers write into, and
+    /// [`Transport::deregister`] drops it. The bytes are not CPU-addressable, so only rdma links
+    /// carry them: a write from this region to a peer on tcp, shm or loopback, or into it from
+    /// such a peer, is refused with an error saying so (stage through host memory for those).
+    /// The kernel keeps its own reference on the dma-buf: `fd` may be closed after this returns.
+    ///
+    /// # Errors
+    /// `Error::Unsupported { feature: "rdma", .. }` without the `rdma` feature, without an RDMA
+    /// device (or with tcp forced), or where the device cannot register dma-bufs ("device rxe0
+    /// cannot register dma-buf memory (driver has no dma-buf support …)"); `Error::Io` naming
+    /// the device, fd, offset, length and what the errno means for other failures.
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf may be written by the NIC on behalf of peers until the
+    /// region is deregistered: its other users (the GPU, or a CPU mapping of the same pages)
+    /// must not rely on its contents except as the protocol allows (after `WriteReceived`, and
+    /// not while a write from it is in flight).
+    pub unsafe fn register_dmabuf(
+        &mut self,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<Region> {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(0x9E37_79B9_7F4A_7C16) | 1;
+        // SAFETY: forwarded contract.
+        unsafe { self.rdma.register_dmabuf(token, fd, offset, len, iova) }?;
+        Ok(Region {
+            token,
+            len: len as u64,
+        })
+    }
+
     /// rdma: drops peers whose RDMA link failed, and re-posts over tcp the operations of peers
     /// that settled on tcp during the RDMA negotiation.
     fn rdma_settle(&mut self) {
@@ -1187,10 +1226,18 @@ impl Net {
                                     continue;
                                 }
                                 let Some(r) = region else {
-                                    self.protocol_error(
-                                        slot,
-                                        format!("write to unknown memory token {:#x}", hdr.token),
-                                    );
+                                    let why = if self.rdma.is_dmabuf(hdr.token) {
+                                        // rdma: device memory, written by the NIC only.
+                                        format!(
+                                            "write over tcp/shm into memory token {:#x}, device \
+                                             memory registered through a dma-buf that only an \
+                                             rdma link can write into",
+                                            hdr.token
+                                        )
+                                    } else {
+                                        format!("write to unknown memory token {:#x}", hdr.token)
+                                    };
+                                    self.protocol_error(slot, why);
                                     return;
                                 };
                                 let end = hdr.offset.checked_add(hdr.len);
@@ -1661,9 +1708,10 @@ impl Transport for Net {
     }
 
     fn deregister(&mut self, token: u64) -> Result<()> {
-        self.regions
-            .remove(&token)
-            .ok_or(Error::UnknownToken { token })?;
+        // rdma: a region of device memory (register_dmabuf) lives in the rdma engine only.
+        if self.regions.remove(&token).is_none() && !self.rdma.is_dmabuf(token) {
+            return Err(Error::UnknownToken { token });
+        }
         self.rdma.deregister(token); // rdma:
         const RETIRED_MAX: usize = 1 << 16;
         if self.retired.0.insert(token) {
@@ -1723,10 +1771,14 @@ impl Transport for Net {
         imm: u32,
         wr_id: u64,
     ) -> Result<()> {
-        let r = *self
-            .regions
-            .get(&src)
-            .ok_or(Error::UnknownToken { token: src })?;
+        let Some(r) = self.regions.get(&src).copied() else {
+            // rdma: device memory (a dma-buf region) is written from over an rdma link only.
+            let link = self.link_kind(peer);
+            return self
+                .rdma
+                .try_write_dmabuf(peer, lane, src, src_offset, len, dst, imm, wr_id, link)
+                .unwrap_or(Err(Error::UnknownToken { token: src }));
+        };
         if src_offset.checked_add(len).is_none_or(|e| e > r.len as u64) {
             return Err(Error::OutOfBounds {
                 token: src,
@@ -1741,10 +1793,18 @@ impl Transport for Net {
             if !self.peers.contains_key(&peer) {
                 return Err(Error::UnknownPeer { peer });
             }
-            let d = *self
-                .regions
-                .get(&dst.token)
-                .ok_or(Error::UnknownToken { token: dst.token })?;
+            let Some(d) = self.regions.get(&dst.token).copied() else {
+                if self.rdma.is_dmabuf(dst.token) {
+                    // rdma: device memory cannot be copied into by the CPU.
+                    return Err(crate::rdma::gpudirect::dmabuf_write_refused(
+                        dst.token,
+                        false,
+                        peer,
+                        LinkKind::Loopback.name(),
+                    ));
+                }
+                return Err(Error::UnknownToken { token: dst.token });
+            };
             if dst.offset.checked_add(len).is_none_or(|e| e > d.len as u64) {
                 return Err(Error::OutOfBounds {
                     token: dst.token,

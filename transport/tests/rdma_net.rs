@@ -845,3 +845,482 @@ fn blocked_poll_wakes_on_completion() {
     drop((a, b));
     drop((src, dst));
 }
+
+// ------------------------------------------------------------------ device memory (dma-buf)
+
+/// `Net::register_dmabuf` where it cannot work, on any machine: without the feature, without a
+/// device, or with tcp forced, the error says why (and nothing is registered).
+#[test]
+fn register_dmabuf_without_an_rdma_device_says_why() {
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let reason = |net: &mut Net| {
+        // SAFETY: refused before anything is registered.
+        match unsafe { net.register_dmabuf(std::os::fd::AsFd::as_fd(&null), 0, 4096, 0x1000) } {
+            Err(bps_transport::Error::Unsupported { feature, reason }) => {
+                assert_eq!(feature, "rdma");
+                reason
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    };
+    let mut tcp = config(0);
+    tcp.force = Some(LinkKind::Tcp);
+    let mut net = Net::bind(tcp).expect("bind");
+    let r = reason(&mut net);
+    eprintln!("tcp forced: {r}");
+    assert!(
+        r.contains("device memory (a dma-buf) can only be registered with an RDMA device"),
+        "{r}"
+    );
+    if rdma::COMPILED {
+        assert!(r.contains("this process forces tcp"), "{r}");
+    } else {
+        assert!(r.contains("feature `rdma`"), "{r}");
+    }
+    assert_eq!(net.rdma_stats().mr_registrations, 0);
+    if rdma::probe(&rdma_config()).is_err() {
+        let mut net = Net::bind(config(1)).expect("bind");
+        let r = reason(&mut net);
+        eprintln!("no device: {r}");
+        assert!(
+            r.contains("device memory (a dma-buf) can only be registered with an RDMA device"),
+            "{r}"
+        );
+    }
+}
+
+/// A dma-buf of host memory (the kernel's udmabuf from a sealed memfd, else a vgem buffer),
+/// mapped into this process so that its bytes can be checked.
+struct DmaBuf {
+    fd: std::os::fd::OwnedFd,
+    map: *mut u8,
+    len: usize,
+    what: String,
+    /// What else must stay open (the memfd, the DRM device).
+    _keep: Vec<std::os::fd::OwnedFd>,
+}
+
+impl DmaBuf {
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `map` is a shared mapping of `len` bytes, alive until drop; while a test reads
+        // or writes it no RDMA operation on the region is in flight (it waits for completions).
+        unsafe { std::slice::from_raw_parts_mut(self.map, self.len) }
+    }
+}
+
+impl Drop for DmaBuf {
+    fn drop(&mut self) {
+        // SAFETY: `map` came from mmap with this length and is not used after this.
+        unsafe { libc::munmap(self.map.cast(), self.len) };
+    }
+}
+
+fn owned(fd: i32, what: &str) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::FromRawFd;
+    if fd < 0 {
+        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor just returned to us, owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Maps `len` bytes of `fd` shared, read-write.
+fn map(fd: &std::os::fd::OwnedFd, len: usize, what: &str) -> Result<*mut u8, String> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared mapping of an open descriptor; checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(format!("mmap {what}: {}", std::io::Error::last_os_error()));
+    }
+    Ok(p.cast())
+}
+
+/// `/dev/udmabuf` (CONFIG_UDMABUF): a memfd sealed against shrinking becomes a dma-buf.
+fn udmabuf(len: usize) -> Result<DmaBuf, String> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct UdmabufCreate {
+        memfd: u32,
+        flags: u32,
+        offset: u64,
+        size: u64,
+    }
+    // _IOW('u', 0x42, struct udmabuf_create)
+    const UDMABUF_CREATE: libc::c_ulong = 0x4018_7542;
+    const UDMABUF_FLAGS_CLOEXEC: u32 = 1;
+    let _ = Command::new("modprobe").args(["-q", "udmabuf"]).status();
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/udmabuf")
+        .map_err(|e| format!("/dev/udmabuf: {e} (a kernel without CONFIG_UDMABUF)"))?;
+    // SAFETY: a NUL-terminated name and valid flags; the result is checked by `owned`.
+    let memfd = owned(
+        unsafe {
+            libc::memfd_create(
+                c"bps-udmabuf".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        },
+        "memfd_create",
+    )?;
+    // SAFETY: `memfd` is open; ftruncate sizes it, F_ADD_SEALS seals it (udmabuf requires
+    // F_SEAL_SHRINK).
+    unsafe {
+        if libc::ftruncate(memfd.as_raw_fd(), len as libc::off_t) != 0
+            || libc::fcntl(memfd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) != 0
+        {
+            return Err(format!("memfd: {}", std::io::Error::last_os_error()));
+        }
+    }
+    let create = UdmabufCreate {
+        memfd: memfd.as_raw_fd() as u32,
+        flags: UDMABUF_FLAGS_CLOEXEC,
+        offset: 0,
+        size: len as u64,
+    };
+    // SAFETY: UDMABUF_CREATE reads one `struct udmabuf_create` (repr(C), same layout) and
+    // returns a new dma-buf descriptor, checked by `owned`.
+    let fd = owned(
+        unsafe { libc::ioctl(dev.as_raw_fd(), UDMABUF_CREATE as _, &create) },
+        "UDMABUF_CREATE",
+    )?;
+    let map = map(&memfd, len, "the memfd")?;
+    Ok(DmaBuf {
+        fd,
+        map,
+        len,
+        what: "udmabuf (a sealed memfd)".into(),
+        _keep: vec![memfd],
+    })
+}
+
+/// vgem (CONFIG_DRM_VGEM): a dumb buffer of a virtual GEM device, exported as a dma-buf
+/// (DRM PRIME) and mapped through the dma-buf.
+fn vgem(len: usize) -> Result<DmaBuf, String> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    #[derive(Default)]
+    struct CreateDumb {
+        height: u32,
+        width: u32,
+        bpp: u32,
+        flags: u32,
+        handle: u32,
+        pitch: u32,
+        size: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct PrimeHandle {
+        handle: u32,
+        flags: u32,
+        fd: i32,
+    }
+    // _IOWR('d', 0xB2, struct drm_mode_create_dumb), _IOWR('d', 0x2D, struct drm_prime_handle)
+    const CREATE_DUMB: libc::c_ulong = 0xC020_64B2;
+    const PRIME_HANDLE_TO_FD: libc::c_ulong = 0xC00C_642D;
+    let _ = Command::new("modprobe").args(["-q", "vgem"]).status();
+    let mut why = Vec::new();
+    let mut cards: Vec<_> = std::fs::read_dir("/dev/dri")
+        .map_err(|e| format!("/dev/dri: {e} (no vgem: a kernel without CONFIG_DRM_VGEM)"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("card"))
+        })
+        .collect();
+    cards.sort();
+    for card in cards {
+        let dev = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&card)
+        {
+            Ok(d) => d,
+            Err(e) => {
+                why.push(format!("{}: {e}", card.display()));
+                continue;
+            }
+        };
+        let mut c = CreateDumb {
+            height: (len / 4096) as u32,
+            width: 1024,
+            bpp: 32,
+            ..CreateDumb::default()
+        };
+        // SAFETY: the ioctl reads and writes one `struct drm_mode_create_dumb` (same layout).
+        if unsafe { libc::ioctl(dev.as_raw_fd(), CREATE_DUMB as _, &mut c) } != 0 {
+            why.push(format!(
+                "{}: DRM_IOCTL_MODE_CREATE_DUMB: {}",
+                card.display(),
+                std::io::Error::last_os_error()
+            ));
+            continue;
+        }
+        let mut p = PrimeHandle {
+            handle: c.handle,
+            flags: (libc::O_CLOEXEC | libc::O_RDWR) as u32,
+            fd: -1,
+        };
+        // SAFETY: the ioctl reads and writes one `struct drm_prime_handle` (same layout).
+        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), PRIME_HANDLE_TO_FD as _, &mut p) };
+        let fd = match owned(
+            if rc == 0 { p.fd } else { -1 },
+            "DRM_IOCTL_PRIME_HANDLE_TO_FD",
+        ) {
+            Ok(fd) => fd,
+            Err(e) => {
+                why.push(format!("{}: {e}", card.display()));
+                continue;
+            }
+        };
+        if (c.size as usize) < len {
+            why.push(format!(
+                "{}: dumb buffer of {} bytes",
+                card.display(),
+                c.size
+            ));
+            continue;
+        }
+        let map = map(&fd, len, "the vgem dma-buf")?;
+        return Ok(DmaBuf {
+            fd,
+            map,
+            len,
+            what: format!("vgem dumb buffer ({})", card.display()),
+            _keep: vec![dev.into()],
+        });
+    }
+    Err(format!("no vgem device: {}", why.join("; ")))
+}
+
+/// A dma-buf of `len` bytes (a multiple of the page size) from whichever source this kernel has.
+fn dmabuf(len: usize) -> Result<DmaBuf, String> {
+    udmabuf(len).or_else(|u| vgem(len).map_err(|v| format!("{u}; {v}")))
+}
+
+/// Device memory over rdma, for real on the guest's rxe0: a dma-buf (udmabuf or vgem) is
+/// registered with `Net::register_dmabuf`. Where the device takes it, a WRITE_WITH_IMM from it
+/// into a host region of the peer and one from the peer's host region into it carry the bytes
+/// (checked through the CPU mapping), and a write from it to a peer on tcp is refused. Where the
+/// device refuses dma-bufs (Soft-RoCE has no dma-buf registration), the error must be the clear
+/// one naming the device, the fd, offset and length.
+#[test]
+fn dmabuf_region_writes_over_rdma_or_says_why_not() {
+    use std::os::fd::{AsFd, AsRawFd};
+    if !have_device() {
+        return;
+    }
+    const LEN: usize = 64 << 10;
+    let mut a = Net::bind(config(0)).expect("bind 0");
+    let mut b = Net::bind(config(1)).expect("bind 1");
+    let (mut ea, mut eb) = connect(&mut a, &mut b);
+    let dev = rdma::probe(&rdma_config()).expect("device").device;
+    let mut buf = match dmabuf(LEN) {
+        Ok(d) => d,
+        Err(why) => {
+            // No dma-buf exporter in this kernel: the device must still refuse a plain memfd in
+            // words (not a dma-buf, or no dma-buf support at all).
+            println!("RESULT dma-buf: no exporter here ({why}); registering a memfd instead");
+            // SAFETY: a NUL-terminated name; checked by `owned`.
+            let memfd = owned(
+                unsafe { libc::memfd_create(c"bps-memfd".as_ptr(), libc::MFD_CLOEXEC) },
+                "memfd_create",
+            )
+            .expect("memfd");
+            // SAFETY: sizes the open memfd.
+            let rc = unsafe { libc::ftruncate(memfd.as_raw_fd(), LEN as libc::off_t) };
+            assert_eq!(rc, 0, "ftruncate: {}", std::io::Error::last_os_error());
+            // SAFETY: refused (not a dma-buf); nothing writes into it.
+            let err = unsafe { a.register_dmabuf(memfd.as_fd(), 0, LEN, 0x10_0000) }
+                .expect_err("a memfd is not a dma-buf");
+            println!("RESULT register_dmabuf(memfd) on {dev}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("device {dev} cannot register dma-buf memory"))
+                    || text.contains(&format!("fd {} is not a dma-buf", memfd.as_raw_fd())),
+                "{text}"
+            );
+            return;
+        }
+    };
+    println!(
+        "dma-buf: {} of {LEN} bytes, fd {}",
+        buf.what,
+        buf.fd.as_raw_fd()
+    );
+    for (i, x) in buf.bytes().iter_mut().enumerate() {
+        *x = (i as u8).wrapping_mul(13) ^ 0x5a;
+    }
+    let iova = buf.map as u64;
+    let before = a.rdma_stats().mr_registrations;
+    // SAFETY: `buf` (and so the memory behind the dma-buf) outlives the Nets (dropped first);
+    // its mapping is read only after the writes into the region completed.
+    let reg = unsafe { a.register_dmabuf(buf.fd.as_fd(), 0, LEN, iova) };
+    let s = match reg {
+        Ok(s) => s,
+        Err(err) => {
+            let text = err.to_string();
+            println!(
+                "RESULT register_dmabuf({}) on {dev} refused: {text}",
+                buf.what
+            );
+            let fd = buf.fd.as_raw_fd();
+            for part in [
+                format!("ibv_reg_dmabuf_mr on {dev}"),
+                format!("dma-buf fd {fd}"),
+                "offset 0".into(),
+                format!("{LEN} bytes"),
+            ] {
+                assert!(text.contains(&part), "{part}: {text}");
+            }
+            if let bps_transport::Error::Unsupported { reason, .. } = &err {
+                assert!(
+                    reason.starts_with(&format!(
+                        "device {dev} cannot register dma-buf memory (driver has no dma-buf \
+                         support"
+                    )),
+                    "{reason}"
+                );
+            }
+            // Nothing half-registered: the token space is untouched, stats unchanged.
+            assert_eq!(a.rdma_stats().mr_registrations, before);
+            return;
+        }
+    };
+    println!("RESULT register_dmabuf({}) on {dev}: accepted", buf.what);
+    assert_eq!(s.len, LEN as u64);
+    assert_eq!(a.rdma_stats().mr_registrations, before + 1);
+    let mut host = vec![0u8; LEN].into_boxed_slice();
+    let mut src = (0..LEN)
+        .map(|i| (i as u8).wrapping_mul(7) ^ 0xc3)
+        .collect::<Vec<u8>>()
+        .into_boxed_slice();
+    // SAFETY: both buffers outlive the Nets (dropped explicitly first).
+    let (d, bs) = unsafe {
+        (
+            b.register(host.as_mut_ptr(), LEN).expect("register"),
+            b.register(src.as_mut_ptr(), LEN).expect("register"),
+        )
+    };
+    // From the dma-buf region into the peer's host memory.
+    a.try_write_imm(
+        PeerId(1),
+        0,
+        s.token,
+        0,
+        LEN as u64,
+        RemoteSlice {
+            token: d.token,
+            offset: 0,
+        },
+        1,
+        1,
+    )
+    .expect("write from the dma-buf region");
+    let end = Instant::now() + Duration::from_secs(30);
+    let (mut done, mut got) = (false, false);
+    while !(done && got) {
+        assert!(Instant::now() < end, "write from dma-buf: {ea:?} / {eb:?}");
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        done |= ea
+            .drain(..)
+            .any(|e| matches!(e, Event::WriteDone { wr_id: 1, .. }));
+        got |= eb
+            .drain(..)
+            .any(|e| matches!(e, Event::WriteReceived { imm: 1, .. }));
+    }
+    assert!(host[..] == buf.bytes()[..], "bytes from the dma-buf");
+    // From the peer's host memory into the dma-buf region (at an offset).
+    b.try_write_imm(
+        PeerId(0),
+        0,
+        bs.token,
+        0,
+        (LEN - 4096) as u64,
+        RemoteSlice {
+            token: s.token,
+            offset: 4096,
+        },
+        2,
+        2,
+    )
+    .expect("write into the dma-buf region");
+    let end = Instant::now() + Duration::from_secs(30);
+    let (mut done, mut got) = (false, false);
+    while !(done && got) {
+        assert!(Instant::now() < end, "write into dma-buf: {ea:?} / {eb:?}");
+        pump(&mut a, &mut ea, &mut b, &mut eb);
+        done |= eb
+            .drain(..)
+            .any(|e| matches!(e, Event::WriteDone { wr_id: 2, .. }));
+        got |= ea.drain(..).any(|e| {
+            matches!(e, Event::WriteReceived { imm: 2, token, offset: 4096, .. } if token == s.token)
+        });
+    }
+    let expect_head: Vec<u8> = (0..4096)
+        .map(|i| (i as u8).wrapping_mul(13) ^ 0x5a)
+        .collect();
+    assert!(buf.bytes()[..4096] == expect_head[..], "head untouched");
+    assert!(
+        buf.bytes()[4096..] == src[..LEN - 4096],
+        "bytes into the dma-buf"
+    );
+    // A peer on tcp: refused, in words.
+    let mut tcp = config(2);
+    tcp.force = Some(LinkKind::Tcp);
+    let mut c = Net::bind(tcp).expect("bind 2");
+    a.add_peer(PeerId(2), c.local_addr()).expect("add 2");
+    c.add_peer(PeerId(0), a.local_addr()).expect("add 0");
+    let mut ec = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while !ea.iter().any(|e| {
+        matches!(
+            e,
+            Event::Connected {
+                peer: PeerId(2),
+                ..
+            }
+        )
+    }) {
+        assert!(Instant::now() < end, "tcp peer: {ea:?} / {ec:?}");
+        pump(&mut a, &mut ea, &mut c, &mut ec);
+    }
+    let err = a
+        .try_write_imm(
+            PeerId(2),
+            0,
+            s.token,
+            0,
+            64,
+            RemoteSlice {
+                token: 1,
+                offset: 0,
+            },
+            3,
+            3,
+        )
+        .expect_err("a write from device memory over tcp");
+    println!("tcp peer: {err}");
+    assert!(
+        err.to_string()
+            .contains("needs an rdma link: it is device memory registered through a dma-buf")
+            && err.to_string().contains("the link to peer 2 is tcp"),
+        "{err}"
+    );
+    a.deregister(s.token)
+        .expect("deregister the dma-buf region");
+    assert!(a.deregister(s.token).is_err(), "once");
+    drop((a, b, c));
+    drop((host, src));
+}

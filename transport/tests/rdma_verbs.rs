@@ -369,3 +369,59 @@ fn probe_without_device_says_why() {
         );
     }
 }
+
+/// A memfd (host memory, not a dma-buf) handed to `register_dmabuf`: the device refuses it, and
+/// the error names the device, the fd, offset and length and what the errno means: on a device
+/// without dma-buf support (Soft-RoCE) "device rxe0 cannot register dma-buf memory (driver has
+/// no dma-buf support …)", on one with it (mlx5) "fd N is not a dma-buf". A zero length is
+/// refused before the verb.
+#[test]
+fn dmabuf_registration_of_a_non_dmabuf_fd_is_refused_in_words() {
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+    let Some(cfg) = device() else { return };
+    let ctx = Context::open(&cfg).expect("open");
+    let dev = ctx.summary().device.clone();
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; the result is checked and
+    // owned by `memfd` from here on.
+    let memfd = unsafe {
+        let fd = libc::memfd_create(c"bps-not-a-dmabuf".as_ptr(), libc::MFD_CLOEXEC);
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        OwnedFd::from_raw_fd(fd)
+    };
+    // SAFETY: `memfd` is an open descriptor; ftruncate only sizes the file.
+    assert_eq!(unsafe { libc::ftruncate(memfd.as_raw_fd(), 65536) }, 0);
+    let fd = memfd.as_raw_fd();
+    // SAFETY: the registration is refused (not a dma-buf); were it not, nothing writes into it.
+    let err = unsafe { ctx.register_dmabuf(memfd.as_fd(), 4096, 8192, 0x10_0000_1000) }
+        .expect_err("a memfd is not a dma-buf");
+    let text = err.to_string();
+    println!("RESULT register_dmabuf of a memfd on {dev}: {text}");
+    for part in [
+        format!("dma-buf fd {fd}"),
+        "offset 4096".into(),
+        "8192 bytes".into(),
+        "iova 0x1000001000".into(),
+    ] {
+        assert!(text.contains(&part), "{part}: {text}");
+    }
+    match &err {
+        Error::Unsupported { reason, .. } => assert!(
+            reason.starts_with(&format!(
+                "device {dev} cannot register dma-buf memory (driver has no dma-buf support"
+            )),
+            "{reason}"
+        ),
+        Error::Io { .. } => assert!(
+            text.contains(&format!("ibv_reg_dmabuf_mr on {dev}"))
+                && text.contains(&format!("fd {fd} is not a dma-buf")),
+            "{text}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // SAFETY: refused before the verb.
+    let zero = unsafe { ctx.register_dmabuf(memfd.as_fd(), 0, 0, 0x1000) }
+        .expect_err("zero length")
+        .to_string();
+    assert!(zero.contains("zero length"), "{zero}");
+    assert_eq!(ctx.registered_bytes(), 0, "nothing counted");
+}

@@ -9,10 +9,17 @@
 //!
 //! This needs the open NVIDIA kernel modules (the proprietary ones do not export dma-bufs), which
 //! [`dmabuf_supported`] asks the driver about. Whether GPU buffers go direct or are staged is
-//! decided by `bps_transport::rdma::gpudirect::select_route`.
+//! decided per link by `bps_transport::rdma::gpudirect::select_route`; where it says direct, the
+//! buffer is registered (`Net::register_dmabuf`) and [`direct_or_staged`] turns the outcome into
+//! a [`GpuPath`]: the registered region, or staging through pinned host memory when the
+//! registration failed, said once per process (one `warn` line) and not tried again.
 
 use std::ffi::{c_int, c_void};
+use std::fmt::Display;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+use bps_transport::rdma::gpudirect::Route;
 
 use cudarc::driver::sys as cu;
 
@@ -209,9 +216,228 @@ pub fn dmabuf_supported(ordinal: i32) -> Result<(), String> {
     Ok(())
 }
 
+/// How one GPU buffer travels to and from the servers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuPath<R> {
+    /// Registered through its dma-buf (`R`: the registration, e.g. the transport's `Region`):
+    /// the NIC reads and writes device memory, no host copy.
+    Direct(R),
+    /// Copied through pinned host memory (device → host before a push, host → device after a
+    /// pull).
+    Staged {
+        /// Why not direct: the route's reason, or the failed registration.
+        reason: String,
+    },
+}
+
+impl<R> GpuPath<R> {
+    /// Whether the buffer goes direct.
+    pub fn is_direct(&self) -> bool {
+        matches!(self, GpuPath::Direct(_))
+    }
+}
+
+/// The fallback from GPUDirect RDMA to staging: once a registration of device memory failed,
+/// every later GPU buffer is staged without trying again (the cause — no dma-buf support in the
+/// NIC driver, a GPU driver that does not export — holds for the whole process), and the
+/// fallback is logged once. [`direct_or_staged`] uses the one of the process.
+#[derive(Debug, Default)]
+pub struct DmabufFallback {
+    failed: OnceLock<String>,
+}
+
+impl DmabufFallback {
+    /// No failure yet.
+    pub const fn new() -> Self {
+        DmabufFallback {
+            failed: OnceLock::new(),
+        }
+    }
+
+    /// Why GPU buffers are staged although the route allowed GPUDirect, once a registration
+    /// failed.
+    pub fn reason(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// The path of one buffer of GPU `gpu` whose links go by `route`: staged with the route's
+    /// reason when the route is staged (`register` is not called), staged with the earlier
+    /// failure when a registration failed before (not called either), otherwise `register()`
+    /// (export the buffer as a dma-buf and register it): direct with its result, or staged when
+    /// it fails, logged (`warn`, with the error) the first time only.
+    pub fn choose<R, E: Display>(
+        &self,
+        gpu: i32,
+        route: &Route,
+        register: impl FnOnce() -> Result<R, E>,
+    ) -> GpuPath<R> {
+        if let Some(reason) = route.reason() {
+            return GpuPath::Staged {
+                reason: reason.to_string(),
+            };
+        }
+        if let Some(reason) = self.reason() {
+            return GpuPath::Staged {
+                reason: reason.to_string(),
+            };
+        }
+        match register() {
+            Ok(r) => GpuPath::Direct(r),
+            Err(e) => {
+                let why = format!("registering device memory for GPUDirect RDMA failed: {e}");
+                if self.failed.set(why.clone()).is_ok() {
+                    tracing::warn!(
+                        "GPU {gpu}: {why}; GPU buffers are staged through pinned host memory from \
+                         now on"
+                    );
+                }
+                GpuPath::Staged {
+                    reason: self.reason().map_or(why, str::to_string),
+                }
+            }
+        }
+    }
+}
+
+/// The fallback of this process (see [`DmabufFallback`]).
+static FALLBACK: DmabufFallback = DmabufFallback::new();
+
+/// [`DmabufFallback::choose`] with the process's fallback: what the GPU engine calls per buffer
+/// once `select_route` decided the route of its server links, with `register` exporting the
+/// buffer ([`export_dmabuf`]) and registering it with the transport (`Net::register_dmabuf`).
+pub fn direct_or_staged<R, E: Display>(
+    gpu: i32,
+    route: &Route,
+    register: impl FnOnce() -> Result<R, E>,
+) -> GpuPath<R> {
+    FALLBACK.choose(gpu, route, register)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Runs `f` with this thread's log lines (warn and up) captured; returns them.
+    fn logged(f: impl FnOnce()) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().expect("sink").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let w = sink.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(move || w.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("utf-8");
+        text.lines().map(str::to_string).collect()
+    }
+
+    fn staged(reason: &str) -> Route {
+        Route::Staged {
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn direct_when_the_registration_works() {
+        let fb = DmabufFallback::new();
+        let lines = logged(|| {
+            let p = fb.choose(0, &Route::GpuDirect, || Ok::<_, String>(42u64));
+            assert_eq!(p, GpuPath::Direct(42));
+            assert!(p.is_direct());
+        });
+        assert!(lines.is_empty(), "{lines:?}");
+        assert_eq!(fb.reason(), None);
+    }
+
+    #[test]
+    fn a_failed_registration_stages_and_is_logged_once() {
+        let fb = DmabufFallback::new();
+        let err = "transport backend rdma is unsupported: device rxe0 cannot register dma-buf \
+                   memory (driver has no dma-buf support)";
+        let lines = logged(|| {
+            let p = fb.choose(3, &Route::GpuDirect, || Err::<u64, _>(err));
+            let GpuPath::Staged { reason } = &p else {
+                panic!("{p:?}")
+            };
+            assert!(
+                reason.starts_with("registering device memory for GPUDirect RDMA failed")
+                    && reason.contains(err),
+                "{reason}"
+            );
+            // Later buffers: staged with the same reason, without trying again, no new log.
+            for _ in 0..3 {
+                let q = fb.choose(3, &Route::GpuDirect, || -> Result<u64, String> {
+                    panic!("registration retried after it failed")
+                });
+                assert_eq!(q, p);
+            }
+        });
+        assert_eq!(lines.len(), 1, "one log line: {lines:?}");
+        assert!(
+            lines[0].contains("WARN")
+                && lines[0].contains("GPU 3")
+                && lines[0].contains(err)
+                && lines[0].contains("staged through pinned host memory"),
+            "{}",
+            lines[0]
+        );
+        assert!(fb.reason().is_some_and(|r| r.contains("rxe0")));
+    }
+
+    #[test]
+    fn a_staged_route_stages_without_registering() {
+        let fb = DmabufFallback::new();
+        let lines = logged(|| {
+            let p = fb.choose(
+                1,
+                &staged("link to the servers is tcp"),
+                || -> Result<u64, String> { panic!("registered although the route is staged") },
+            );
+            assert_eq!(
+                p,
+                GpuPath::Staged {
+                    reason: "link to the servers is tcp".into()
+                }
+            );
+            assert!(!p.is_direct());
+        });
+        assert!(
+            lines.is_empty(),
+            "the route was logged where it was chosen: {lines:?}"
+        );
+        // Not a failure: a later direct route still registers.
+        assert_eq!(fb.reason(), None);
+        assert_eq!(
+            fb.choose(1, &Route::GpuDirect, || Ok::<_, String>(5u8)),
+            GpuPath::Direct(5)
+        );
+    }
+
+    #[test]
+    fn the_process_fallback_is_the_same_policy() {
+        // A staged route leaves the process's state alone (other tests may share it).
+        let p = direct_or_staged(0, &staged("BPS_GPUDIRECT=0"), || -> Result<u8, String> {
+            panic!("registered although the route is staged")
+        });
+        assert_eq!(
+            p,
+            GpuPath::Staged {
+                reason: "BPS_GPUDIRECT=0".into()
+            }
+        );
+    }
 
     #[test]
     fn spans_are_page_aligned() {

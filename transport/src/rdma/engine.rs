@@ -64,7 +64,7 @@ enum Op {
         imm: u32,
         wr_id: u64,
         /// Key of the source's memory region in `Engine::mrs` (one reference held by this op).
-        mr_key: (u64, usize),
+        mr_key: MrKey,
         /// The destination-table slot its WRITE_WITH_IMM names, once chosen (and defined).
         slot: Option<u32>,
         /// Payload bytes posted.
@@ -84,7 +84,7 @@ enum Inflight {
     /// A WRITE that is not the last piece of its write.
     Chunk,
     /// The WRITE_WITH_IMM that ends a write.
-    Final { wr_id: u64, mr_key: (u64, usize) },
+    Final { wr_id: u64, mr_key: MrKey },
 }
 
 /// A region of the peer, as it announced it.
@@ -212,11 +212,53 @@ pub(crate) enum Replay {
     },
 }
 
+/// What a local region is made of.
+#[derive(Clone, Copy, Debug)]
+enum Mem {
+    /// Host memory at this address (registered with the NIC on first use, cached per range).
+    Host(*mut u8),
+    /// Device memory registered through a dma-buf at `Net::register_dmabuf` (its own memory
+    /// region, never shared with another token), addressed by its iova. The CPU cannot read it.
+    DmaBuf { iova: u64 },
+}
+
 struct LocalRegion {
-    ptr: *mut u8,
+    mem: Mem,
     len: usize,
-    /// Whether this token holds a reference on `mrs[(ptr, len)]`.
+    /// Whether this token holds a reference on `mrs[self.key(token)]`.
     mr: bool,
+}
+
+impl LocalRegion {
+    /// The address the NIC and the peers use for its first byte.
+    fn addr(&self) -> u64 {
+        match self.mem {
+            Mem::Host(p) => p as u64,
+            Mem::DmaBuf { iova } => iova,
+        }
+    }
+
+    /// Its entry in `Engine::mrs`: host ranges are shared by every token of the same range,
+    /// a dma-buf region belongs to its token.
+    fn key(&self, token: u64) -> MrKey {
+        match self.mem {
+            Mem::Host(p) => MrKey::Host(p as u64, self.len),
+            Mem::DmaBuf { .. } => MrKey::DmaBuf(token),
+        }
+    }
+
+    fn is_dmabuf(&self) -> bool {
+        matches!(self.mem, Mem::DmaBuf { .. })
+    }
+}
+
+/// Key of a memory region in `Engine::mrs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum MrKey {
+    /// Host memory: (address, length), shared by the tokens of that range.
+    Host(u64, usize),
+    /// A dma-buf region: its token.
+    DmaBuf(u64),
 }
 
 struct MrEntry {
@@ -243,7 +285,7 @@ pub(crate) struct Engine {
     cfg: RdmaConfig,
     links: HashMap<PeerId, Link>,
     regions: HashMap<u64, LocalRegion>,
-    mrs: HashMap<(u64, usize), MrEntry>,
+    mrs: HashMap<MrKey, MrEntry>,
     retired: (HashSet<u64>, VecDeque<u64>),
     stats: RdmaStats,
     lost: Vec<(PeerId, String)>,
@@ -632,7 +674,7 @@ impl Engine {
         self.regions.insert(
             token,
             LocalRegion {
-                ptr,
+                mem: Mem::Host(ptr),
                 len,
                 mr: false,
             },
@@ -651,7 +693,7 @@ impl Engine {
     pub(crate) fn deregister(&mut self, token: u64) {
         if let Some(r) = self.regions.remove(&token) {
             if r.mr {
-                self.release_mr((r.ptr as u64, r.len));
+                self.release_mr(r.key(token));
             }
         }
         if self.retired.0.insert(token) {
@@ -664,13 +706,100 @@ impl Engine {
         }
     }
 
+    /// Registers `len` bytes at `offset` of the dma-buf `fd` (device memory) under `token`, with
+    /// the NIC at once (so that the caller learns here whether the device takes dma-bufs). The
+    /// region is a source and a destination of writes over rdma links only
+    /// ([`try_write_dmabuf`](Self::try_write_dmabuf)); peers address it by `iova`.
+    ///
+    /// # Safety
+    /// As [`Context::register_dmabuf`].
+    pub(crate) unsafe fn register_dmabuf(
+        &mut self,
+        token: u64,
+        fd: std::os::fd::BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<()> {
+        let ctx = match (&self.ctx, self.want) {
+            (Some(ctx), true) => ctx,
+            _ => {
+                return Err(Error::Unsupported {
+                    feature: "rdma",
+                    reason: format!(
+                        "device memory (a dma-buf) can only be registered with an RDMA device, \
+                         and this process uses none: {}",
+                        self.reason
+                    ),
+                })
+            }
+        };
+        // SAFETY: forwarded contract.
+        let mr = unsafe { ctx.register_dmabuf(fd, offset, len, iova) }?;
+        self.stats.mr_registrations += 1;
+        self.mrs
+            .insert(MrKey::DmaBuf(token), MrEntry { mr, refs: 1 });
+        self.regions.insert(
+            token,
+            LocalRegion {
+                mem: Mem::DmaBuf { iova },
+                len,
+                mr: true,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether `token` is a region of device memory registered through a dma-buf.
+    pub(crate) fn is_dmabuf(&self, token: u64) -> bool {
+        self.regions.get(&token).is_some_and(LocalRegion::is_dmabuf)
+    }
+
+    /// `try_write_imm` from a source that `Net` does not know: `None` unless `src` is a dma-buf
+    /// region; then the write goes over the peer's rdma link, or is refused in words where the
+    /// peer is not on one (`link`: how `Net` reaches the peer, `None` if it does not).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_write_dmabuf(
+        &mut self,
+        peer: PeerId,
+        lane: u32,
+        src: u64,
+        src_offset: u64,
+        len: u64,
+        dst: RemoteSlice,
+        imm: u32,
+        wr_id: u64,
+        link: Option<LinkKind>,
+    ) -> Option<Result<()>> {
+        let r = self.regions.get(&src).filter(|r| r.is_dmabuf())?;
+        if src_offset.checked_add(len).is_none_or(|e| e > r.len as u64) {
+            return Some(Err(Error::OutOfBounds {
+                token: src,
+                offset: src_offset,
+                len,
+                region_len: r.len as u64,
+            }));
+        }
+        if !self.claims(peer) {
+            let link = link.map_or("not connected", LinkKind::name);
+            return Some(Err(super::gpudirect::dmabuf_write_refused(
+                src, true, peer, link,
+            )));
+        }
+        self.try_write_imm(peer, lane, src, src_offset, len, dst, imm, wr_id)
+    }
+
     /// Registers the token's range with the NIC (once per distinct range); returns its key.
-    fn ensure_mr(&mut self, token: u64) -> Result<(u64, usize)> {
+    fn ensure_mr(&mut self, token: u64) -> Result<MrKey> {
         let r = self
             .regions
             .get(&token)
             .ok_or(Error::UnknownToken { token })?;
-        let key = (r.ptr as u64, r.len);
+        let key = r.key(token);
+        // A dma-buf region holds its memory region from registration on (`r.mr` is set).
+        let Mem::Host(ptr) = r.mem else {
+            return Ok(key);
+        };
         if r.mr || r.len == 0 {
             // Zero-length regions need no registration (a zero-length request names no memory).
             return Ok(key);
@@ -685,7 +814,7 @@ impl Engine {
             // SAFETY: the range was registered with the Net (unsafe `Transport::register`): it
             // stays valid until deregistered, and the MR is dropped no earlier than that, or
             // later only while writes from it are in flight, which the caller must also wait for.
-            let mr = unsafe { ctx.register(r.ptr, r.len) }?;
+            let mr = unsafe { ctx.register(ptr, r.len) }?;
             self.stats.mr_registrations += 1;
             self.mrs.insert(key, MrEntry { mr, refs: 1 });
         }
@@ -693,13 +822,13 @@ impl Engine {
         Ok(key)
     }
 
-    fn retain_mr(&mut self, key: (u64, usize)) {
+    fn retain_mr(&mut self, key: MrKey) {
         if let Some(e) = self.mrs.get_mut(&key) {
             e.refs += 1;
         }
     }
 
-    fn release_mr(&mut self, key: (u64, usize)) {
+    fn release_mr(&mut self, key: MrKey) {
         if let Some(e) = self.mrs.get_mut(&key) {
             e.refs -= 1;
             if e.refs == 0 {
@@ -1085,7 +1214,7 @@ impl Engine {
                             let rkey = self.mrs.get(&key).map_or(0, |e| e.mr.rkey());
                             let a = wire::encode_announce(
                                 token,
-                                r.ptr as u64,
+                                r.addr(),
                                 r.len as u64,
                                 rkey,
                                 wire::ANN_OK,
@@ -1186,7 +1315,7 @@ impl Engine {
 #[derive(Default)]
 struct PumpOut {
     events: Vec<Event>,
-    release: Vec<(u64, usize)>,
+    release: Vec<MrKey>,
     resolves: u64,
     writes: u64,
     defines: u64,
@@ -1224,7 +1353,7 @@ fn post_batch(link: &mut Link, wrs: &[WorkRequest], every: u32, out: &mut PumpOu
 fn fill_batch(
     link: &mut Link,
     peer: PeerId,
-    mrs: &HashMap<(u64, usize), MrEntry>,
+    mrs: &HashMap<MrKey, MrEntry>,
     max_wr: u64,
     wrs: &mut Vec<WorkRequest>,
     out: &mut PumpOut,
@@ -1299,7 +1428,7 @@ fn fill_send(link: &mut Link, wrs: &mut Vec<WorkRequest>) -> bool {
 fn fill_write(
     link: &mut Link,
     peer: PeerId,
-    mrs: &HashMap<(u64, usize), MrEntry>,
+    mrs: &HashMap<MrKey, MrEntry>,
     max_wr: u64,
     wrs: &mut Vec<WorkRequest>,
     out: &mut PumpOut,
@@ -1461,4 +1590,135 @@ fn add_slot_send(
             ready,
         },
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An engine without a device (the name matches none; the reason is the first thing that
+    /// is missing: libibverbs, any device, or this name), as on a host without RDMA.
+    fn engine() -> (mio::Poll, Engine) {
+        let poll = mio::Poll::new().expect("mio poll");
+        let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0)).expect("waker"));
+        let cfg = RdmaConfig {
+            device: Some("bps-test-no-such-device".into()),
+            ..RdmaConfig::default()
+        };
+        let e = Engine::new(&cfg, None, 64, 1 << 20, waker);
+        assert!(e.ctx.is_none());
+        (poll, e)
+    }
+
+    /// A dma-buf region as `register_dmabuf` records it, without the NIC registration (which
+    /// needs a device that takes dma-bufs; the refusal happens before the region is used).
+    fn fake_dmabuf(e: &mut Engine, token: u64, len: usize) {
+        e.regions.insert(
+            token,
+            LocalRegion {
+                mem: Mem::DmaBuf {
+                    iova: 0x7f00_0000_0000,
+                },
+                len,
+                mr: false,
+            },
+        );
+    }
+
+    fn write(
+        e: &mut Engine,
+        peer: u32,
+        src: u64,
+        len: u64,
+        link: Option<LinkKind>,
+    ) -> Option<Result<()>> {
+        let dst = RemoteSlice {
+            token: 0x99,
+            offset: 0,
+        };
+        e.try_write_dmabuf(PeerId(peer), 0, src, 0, len, dst, 1, 1, link)
+    }
+
+    #[test]
+    fn register_dmabuf_without_a_device_says_why() {
+        let (_poll, mut e) = engine();
+        let f = std::fs::File::open("/dev/null").expect("/dev/null");
+        // SAFETY: nothing is registered (no device); the fd is open for the call.
+        let err = unsafe { e.register_dmabuf(5, std::os::fd::AsFd::as_fd(&f), 0, 4096, 0x1000) }
+            .expect_err("no device");
+        let Error::Unsupported { feature, reason } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*feature, "rdma");
+        assert!(
+            reason.starts_with(
+                "device memory (a dma-buf) can only be registered with an RDMA device, and this \
+                 process uses none: "
+            ) && reason.len() > 100,
+            "{reason}"
+        );
+        assert!(!e.is_dmabuf(5));
+        assert_eq!(e.stats().mr_registrations, 0);
+    }
+
+    #[test]
+    fn writes_from_a_dmabuf_region_over_tcp_shm_or_loopback_are_refused() {
+        let (_poll, mut e) = engine();
+        fake_dmabuf(&mut e, 0x51, 4096);
+        assert!(e.is_dmabuf(0x51));
+        for (link, name) in [
+            (Some(LinkKind::Tcp), "tcp"),
+            (Some(LinkKind::Shm), "shm"),
+            (Some(LinkKind::Loopback), "loopback"),
+            (None, "not connected"),
+        ] {
+            let r = write(&mut e, 2, 0x51, 64, link).expect("a dma-buf source is the engine's");
+            let err = r.expect_err("not an rdma link");
+            let Error::Unsupported { feature, reason } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(*feature, "rdma");
+            assert!(
+                reason.starts_with("a write from memory token 0x51 needs an rdma link")
+                    && reason.contains(&format!("the link to peer 2 is {name}")),
+                "{reason}"
+            );
+        }
+        // A peer whose RDMA negotiation settled on tcp: refused as well, nothing queued.
+        e.links.insert(PeerId(3), Link::new(State::Tcp));
+        let err = write(&mut e, 3, 0x51, 64, Some(LinkKind::Tcp))
+            .expect("engine's")
+            .expect_err("tcp");
+        assert!(
+            err.to_string().contains("the link to peer 3 is tcp"),
+            "{err}"
+        );
+        assert!(e.links[&PeerId(3)].ops.is_empty());
+        // Out of bounds is named first, as for host regions.
+        let err = write(&mut e, 2, 0x51, 4097, Some(LinkKind::Tcp))
+            .expect("engine's")
+            .expect_err("past the end");
+        assert!(
+            matches!(
+                err,
+                Error::OutOfBounds {
+                    token: 0x51,
+                    region_len: 4096,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        // Host regions and unknown tokens are not the engine's to answer: `Net` handles them.
+        let mut host = [0u8; 8];
+        e.register(0x61, host.as_mut_ptr(), host.len())
+            .expect("host region");
+        assert!(!e.is_dmabuf(0x61));
+        assert!(write(&mut e, 2, 0x61, 8, Some(LinkKind::Tcp)).is_none());
+        assert!(write(&mut e, 2, 0x71, 8, Some(LinkKind::Tcp)).is_none());
+        // Deregistered: gone.
+        e.deregister(0x51);
+        assert!(!e.is_dmabuf(0x51));
+        assert!(write(&mut e, 2, 0x51, 64, Some(LinkKind::Tcp)).is_none());
+    }
 }

@@ -9,8 +9,11 @@
 //! buffer, remembers that dma-buf registration failed so it is not retried for every buffer, and
 //! says so **once** (one `warn` log line, and [`Registrar::fallback_reason`]).
 //!
-//! The policy is separate from the verbs ([`MrBackend`]) so it is tested with a fake; the verbs
-//! implementation is `rdma::Context` (feature `rdma`).
+//! The policy is separate from the verbs ([`MrBackend`]) so it is tested with a fake. The verbs
+//! side is `rdma::Context::register_dmabuf` (feature `rdma`), and `Net::register_dmabuf` makes
+//! such a region a source and destination of one-sided writes over rdma links (and refuses
+//! writes from it or into it over any other link: [`dmabuf_write_refused`]); its failures are
+//! worded by [`dmabuf_registration_error`].
 //!
 //! Before any buffer is registered, [`select_route`] decides per peer link whether GPU buffers
 //! for that peer go direct at all: only over an rdma link, only where device memory can be
@@ -260,6 +263,84 @@ pub fn kernel_dmabuf_support(release: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// The error of a failed `ibv_reg_dmabuf_mr`: names the device, the file descriptor, the
+/// offset, length and iova, and says what the errno means. EOPNOTSUPP (the driver, or a
+/// libibverbs older than rdma-core 34, has no dma-buf registration) is
+/// `Error::Unsupported { feature: "rdma", .. }` (GPUDirect is not possible on this device: the
+/// caller stages); anything else is `Error::Io` with the errno kept as the source's kind.
+pub fn dmabuf_registration_error(
+    device: &str,
+    fd: i32,
+    offset: u64,
+    len: usize,
+    iova: u64,
+    err: &std::io::Error,
+) -> Error {
+    let call = format!(
+        "ibv_reg_dmabuf_mr on {device} (dma-buf fd {fd}, offset {offset}, {len} bytes, iova \
+         {iova:#x})"
+    );
+    let meaning = match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => {
+            return Error::Unsupported {
+                feature: "rdma",
+                reason: format!(
+                    "device {device} cannot register dma-buf memory (driver has no dma-buf \
+                     support, or libibverbs is older than rdma-core 34): {call} failed: {err}"
+                ),
+            }
+        }
+        Some(libc::EINVAL) => format!(
+            "invalid argument: fd {fd} is not a dma-buf, or offset {offset} + {len} bytes runs \
+             past its end, or the offset and the iova differ within a page"
+        ),
+        Some(libc::EBADF) => format!("fd {fd} is not an open file descriptor"),
+        Some(libc::ENOMEM) => {
+            "out of memory (the device could not map the dma-buf or has no room for another \
+             memory region)"
+                .to_string()
+        }
+        Some(libc::EACCES | libc::EPERM) => {
+            "access refused: the exporter does not allow the device local and remote write \
+             access to this dma-buf"
+                .to_string()
+        }
+        Some(libc::EFAULT) => "bad address (the iova range is not usable)".to_string(),
+        Some(libc::ENODEV | libc::ENXIO) => {
+            format!("device {device} is gone (removed, or its driver was unloaded)")
+        }
+        Some(_) => "the device refused the registration".to_string(),
+        // Not from the verb (an argument refused before it): the error says it all.
+        None => {
+            return Error::Io {
+                op: format!("rdma: {call}"),
+                source: std::io::Error::new(err.kind(), err.to_string()),
+            }
+        }
+    };
+    Error::Io {
+        op: format!("rdma: {call}"),
+        source: std::io::Error::new(err.kind(), format!("{meaning} ({err})")),
+    }
+}
+
+/// The error of a write from (`from = true`) or into a region of device memory registered
+/// through a dma-buf, over a link that is not rdma (`link`: `tcp`, `shm`, `loopback`, or a
+/// description such as `not connected`): only the NIC can read and write that memory, the CPU
+/// cannot, so tcp, shm and local copies cannot carry it.
+pub fn dmabuf_write_refused(token: u64, from: bool, peer: crate::PeerId, link: &str) -> Error {
+    let dir = if from { "from" } else { "into" };
+    Error::Unsupported {
+        feature: "rdma",
+        reason: format!(
+            "a write {dir} memory token {token:#x} needs an rdma link: it is device memory \
+             registered through a dma-buf (Net::register_dmabuf), which the CPU cannot read or \
+             write, and the link to peer {peer} is {link} (stage device memory through pinned \
+             host memory for peers that are not on rdma)"
+        ),
+    }
+}
+
 /// An error for backends that cannot do something.
 pub fn unsupported(what: &str) -> Error {
     Error::Unsupported {
@@ -465,6 +546,98 @@ mod tests {
             let e = kernel_dmabuf_support(bad).unwrap_err();
             assert!(e.contains("kernel release"), "{bad:?}: {e}");
         }
+    }
+
+    #[test]
+    fn dmabuf_registration_errors_name_the_call_and_the_errno() {
+        let e = |errno| {
+            dmabuf_registration_error(
+                "rxe0",
+                7,
+                4096,
+                65536,
+                0x7f00_0000_1000,
+                &std::io::Error::from_raw_os_error(errno),
+            )
+        };
+        // No dma-buf support in the driver: Unsupported, in the words the caller logs.
+        match e(libc::EOPNOTSUPP) {
+            Error::Unsupported { feature, reason } => {
+                assert_eq!(feature, "rdma");
+                assert!(
+                    reason.starts_with(
+                        "device rxe0 cannot register dma-buf memory (driver has no dma-buf support"
+                    ),
+                    "{reason}"
+                );
+                for part in [
+                    "dma-buf fd 7",
+                    "offset 4096",
+                    "65536 bytes",
+                    "iova 0x7f0000001000",
+                    "os error 95",
+                ] {
+                    assert!(reason.contains(part), "{part}: {reason}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // Bad arguments: Io, keeping the errno's kind, with what it means here.
+        let inval = e(libc::EINVAL);
+        let Error::Io { source, .. } = &inval else {
+            panic!("{inval:?}")
+        };
+        assert_eq!(source.kind(), std::io::ErrorKind::InvalidInput);
+        let s = inval.to_string();
+        assert!(
+            s.starts_with(
+                "rdma: ibv_reg_dmabuf_mr on rxe0 (dma-buf fd 7, offset 4096, 65536 bytes"
+            ) && s.contains("fd 7 is not a dma-buf")
+                && s.contains("os error 22"),
+            "{s}"
+        );
+        assert!(e(libc::EBADF)
+            .to_string()
+            .contains("fd 7 is not an open file descriptor"));
+        assert!(e(libc::ENOMEM).to_string().contains("out of memory"));
+        assert!(e(libc::EACCES).to_string().contains("access refused"));
+        let other = e(libc::EIO).to_string();
+        assert!(
+            other.contains("refused the registration") && other.contains("rxe0"),
+            "{other}"
+        );
+        // Refused before the verb: the words given, nothing added.
+        let before = dmabuf_registration_error(
+            "rxe0",
+            7,
+            0,
+            0,
+            0x1000,
+            &std::io::Error::new(std::io::ErrorKind::InvalidInput, "zero length"),
+        )
+        .to_string();
+        assert_eq!(
+            before,
+            "rdma: ibv_reg_dmabuf_mr on rxe0 (dma-buf fd 7, offset 0, 0 bytes, iova 0x1000) \
+             failed: zero length"
+        );
+    }
+
+    #[test]
+    fn dmabuf_writes_over_other_links_are_refused_in_words() {
+        let e = dmabuf_write_refused(0x51, true, crate::PeerId(3), "tcp");
+        let Error::Unsupported { feature, reason } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(*feature, "rdma");
+        assert!(
+            reason.starts_with("a write from memory token 0x51 needs an rdma link")
+                && reason.contains("device memory registered through a dma-buf")
+                && reason.contains("the link to peer 3 is tcp"),
+            "{reason}"
+        );
+        let into = dmabuf_write_refused(0x51, false, crate::PeerId(0), "loopback").to_string();
+        assert!(into.contains("a write into memory token 0x51"), "{into}");
     }
 
     #[test]

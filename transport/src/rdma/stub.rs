@@ -3,7 +3,7 @@
 //! every RDMA offer (so a peer built with the feature falls back to tcp).
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 
 use super::wire::{Endpoint, Handshake};
 use super::{DeviceSummary, RdmaConfig, RdmaStats};
@@ -60,6 +60,22 @@ impl Context {
     /// # Safety
     /// As in a build with feature `rdma`.
     pub unsafe fn register(&self, _ptr: *mut u8, _len: usize) -> Result<MemoryRegion> {
+        match self.0 {}
+    }
+    /// Registers device memory through its dma-buf.
+    ///
+    /// # Errors
+    /// Never returns (no value of this type exists).
+    ///
+    /// # Safety
+    /// As in a build with feature `rdma`.
+    pub unsafe fn register_dmabuf(
+        &self,
+        _fd: BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+        _iova: u64,
+    ) -> Result<MemoryRegion> {
         match self.0 {}
     }
     /// Creates a queue pair.
@@ -314,6 +330,41 @@ impl Engine {
         Ok(())
     }
     pub(crate) fn deregister(&mut self, _token: u64) {}
+    /// # Safety
+    /// Nothing is registered in this build.
+    pub(crate) unsafe fn register_dmabuf(
+        &mut self,
+        _token: u64,
+        _fd: BorrowedFd<'_>,
+        _offset: u64,
+        _len: usize,
+        _iova: u64,
+    ) -> Result<()> {
+        Err(Error::Unsupported {
+            feature: "rdma",
+            reason: format!(
+                "{WHY}: device memory (a dma-buf) can only be registered with an RDMA device"
+            ),
+        })
+    }
+    pub(crate) fn is_dmabuf(&self, _token: u64) -> bool {
+        false
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn try_write_dmabuf(
+        &mut self,
+        _peer: PeerId,
+        _lane: u32,
+        _src: u64,
+        _src_offset: u64,
+        _len: u64,
+        _dst: RemoteSlice,
+        _imm: u32,
+        _wr_id: u64,
+        _link: Option<LinkKind>,
+    ) -> Option<Result<()>> {
+        None
+    }
     pub(crate) fn try_send(
         &mut self,
         _peer: PeerId,

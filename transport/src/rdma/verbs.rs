@@ -6,7 +6,7 @@
 //! them through its engine.
 
 use std::net::Ipv6Addr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use sideway::ibverbs::completion::{
 };
 use sideway::ibverbs::device::{DeviceInfo, DeviceList};
 use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, Mtu, PortState};
+use sideway::ibverbs::memory_region::RegisterMemoryRegionErrorKind;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 use sideway::ibverbs::queue_pair::{
     GenericQueuePair, PostSendGuard, QueuePair as _, QueuePairAttribute, QueuePairState,
@@ -428,6 +429,75 @@ impl Context {
             rkey: mr.rkey(),
             addr: ptr as u64,
             len,
+            locked: len as u64,
+            _mr: mr,
+            ctx: self.inner.clone(),
+        })
+    }
+
+    /// Registers `len` bytes at `offset` of the dma-buf `fd` (device memory exported by its
+    /// driver, e.g. `cuMemGetHandleForAddressRange(…DMA_BUF_FD…)`) for local access and remote
+    /// writes and reads (`ibv_reg_dmabuf_mr`). The region is addressed by `iova`: work requests
+    /// and peers name `iova..iova + len` (the returned region's [`addr`](MemoryRegion::addr)),
+    /// usually the device pointer of the buffer; `iova` and `offset` must agree within a page.
+    /// The region is used exactly like one from [`register`](Self::register) (lkey, rkey). The
+    /// kernel holds its own reference on the dma-buf, so `fd` may be closed once this returns.
+    /// The bytes are not counted against the locked-memory bound (they are not host memory this
+    /// process locks).
+    ///
+    /// # Errors
+    /// A zero length, or `ibv_reg_dmabuf_mr` failing, worded by
+    /// [`dmabuf_registration_error`](super::gpudirect::dmabuf_registration_error): the device,
+    /// fd, offset, length, iova and what the errno means; EOPNOTSUPP ("device rxe0 cannot
+    /// register dma-buf memory (driver has no dma-buf support …)") is
+    /// `Error::Unsupported { feature: "rdma", .. }`.
+    ///
+    /// # Safety
+    /// The memory behind the dma-buf may be written by the NIC, on behalf of any peer holding
+    /// the region's rkey, until the region is dropped: whoever else uses that memory (the GPU,
+    /// or the process through a mapping of the same pages) must not rely on its contents except
+    /// as the protocol allows.
+    pub unsafe fn register_dmabuf(
+        &self,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: usize,
+        iova: u64,
+    ) -> Result<MemoryRegion> {
+        let device = &self.inner.summary.device;
+        let raw = fd.as_raw_fd();
+        if len == 0 {
+            return Err(super::gpudirect::dmabuf_registration_error(
+                device,
+                raw,
+                offset,
+                len,
+                iova,
+                &std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "zero length (a dma-buf region needs at least one byte)",
+                ),
+            ));
+        }
+        let access = AccessFlags::LocalWrite | AccessFlags::RemoteWrite | AccessFlags::RemoteRead;
+        // SAFETY: `fd` is an open descriptor for the duration of the call (BorrowedFd); the
+        // kernel checks that it is a dma-buf covering `offset + len` and takes its own
+        // reference; what the NIC may then write is this fn's contract.
+        let mr = unsafe { self.inner.pd.reg_dmabuf_mr(offset, len, iova, raw, access) }.map_err(
+            |e| {
+                let io = match e.0 {
+                    RegisterMemoryRegionErrorKind::Ibverbs(io) => io,
+                    other => std::io::Error::other(other.to_string()),
+                };
+                super::gpudirect::dmabuf_registration_error(device, raw, offset, len, iova, &io)
+            },
+        )?;
+        Ok(MemoryRegion {
+            lkey: mr.lkey(),
+            rkey: mr.rkey(),
+            addr: iova,
+            len,
+            locked: 0,
             _mr: mr,
             ctx: self.inner.clone(),
         })
@@ -492,6 +562,8 @@ pub struct MemoryRegion {
     rkey: u32,
     addr: u64,
     len: usize,
+    /// Bytes counted in `Inner::registered` (0 for a dma-buf region).
+    locked: u64,
     _mr: Arc<sideway::ibverbs::memory_region::MemoryRegion>,
     ctx: Arc<Inner>,
 }
@@ -515,7 +587,7 @@ impl MemoryRegion {
     pub fn rkey(&self) -> u32 {
         self.rkey
     }
-    /// Start address.
+    /// Start address (for a dma-buf region, its iova).
     pub fn addr(&self) -> u64 {
         self.addr
     }
@@ -533,7 +605,7 @@ impl Drop for MemoryRegion {
     fn drop(&mut self) {
         self.ctx
             .registered
-            .fetch_sub(self.len as u64, Ordering::Relaxed);
+            .fetch_sub(self.locked, Ordering::Relaxed);
     }
 }
 
