@@ -19,12 +19,20 @@
 //!
 //! Both sides poll like the runtime's event loop: without sleeping for `--spin-us` after
 //! activity (`BPS_POLL_SPIN_US`, default 50), blocking after that.
+//!
+//! `--transport rdma`: the writes are RDMA WRITE_WITH_IMM on one RC queue pair (the tcp link
+//! stays as the bootstrap), the device and queues from the `BPS_RDMA_*` variables, parsed by
+//! the runtime's own configuration code. Without the `rdma` backend in this build, or without a
+//! usable device, it stops before starting anything, with one line saying why (never a silent
+//! fallback to tcp: a link that comes up as anything but rdma is an error too).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use bps_transport::rdma::RdmaConfig;
 use bps_transport::{
     local_host_id, Event, LinkKind, Net, NetConfig, PeerAddr, PeerId, RemoteSlice,
 };
@@ -51,6 +59,8 @@ const TAG_DONE: u8 = 3;
 pub enum RawTransport {
     Tcp,
     Shm,
+    /// RDMA WRITE_WITH_IMM on an RC queue pair (device from BPS_RDMA_DEVICE, ...).
+    Rdma,
 }
 
 impl RawTransport {
@@ -58,13 +68,49 @@ impl RawTransport {
         match self {
             RawTransport::Tcp => LinkKind::Tcp,
             RawTransport::Shm => LinkKind::Shm,
+            RawTransport::Rdma => LinkKind::Rdma,
         }
     }
 }
 
+/// The RDMA tunables from the environment, read by the runtime's configuration code (the same
+/// names, aliases, bounds and error messages as a job's `BPS_RDMA_*`). Only the RDMA variables
+/// are passed to it, so a stray job variable (`DMLC_ROLE`, ...) cannot fail a raw run.
+fn rdma_config_from_env() -> Result<RdmaConfig, String> {
+    use bps_runtime::config::{Config, Lookup, TUNABLES};
+    let vars: HashMap<String, String> = TUNABLES
+        .iter()
+        .filter(|t| t.names[0].starts_with("BPS_RDMA_"))
+        .flat_map(|t| t.names.iter())
+        .filter_map(|n| std::env::var(n).ok().map(|v| (n.to_string(), v)))
+        .collect();
+    let lookup = Lookup::map(&vars);
+    let cfg = Config::from_lookup(&lookup);
+    cfg.map(|c| c.rdma)
+        .map_err(|e| format!("raw --transport rdma: {e}"))
+}
+
+/// The device `--transport rdma` will use, or the one-line reason it cannot run.
+fn rdma_device(cfg: &RdmaConfig) -> Result<bps_transport::rdma::DeviceSummary, String> {
+    if !bps_transport::rdma::COMPILED {
+        return Err("raw --transport rdma: this build has no RDMA backend (build with --features bps-transport/rdma)".into());
+    }
+    bps_transport::rdma::probe(cfg).map_err(|e| {
+        let why = match e {
+            bps_transport::Error::Unsupported { reason, .. } => reason,
+            other => other.to_string(),
+        };
+        format!(
+            "raw --transport rdma: cannot use RDMA: {}",
+            why.replace('\n', " ")
+        )
+    })
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RawArgs {
-    /// Transport between the two processes.
+    /// Transport between the two processes (rdma: device and queues from BPS_RDMA_DEVICE,
+    /// BPS_RDMA_GID_INDEX, ...; fails if this build or machine has none).
     #[arg(long, value_enum, default_value = "tcp")]
     transport: RawTransport,
     /// Sizes in bytes: `4K:64M` (doubling) or a list. Default 4K:64M, with --pingpong 4.
@@ -121,6 +167,8 @@ struct Plan {
     ring_bytes: usize,
     spin: Duration,
     pingpong: bool,
+    /// RDMA tunables (from the environment; used with `--transport rdma`).
+    rdma: RdmaConfig,
 }
 
 impl Plan {
@@ -163,7 +211,13 @@ impl Plan {
                 Err(_) => 50,
             },
         };
+        let rdma = if a.transport == RawTransport::Rdma {
+            rdma_config_from_env()?
+        } else {
+            RdmaConfig::default()
+        };
         Ok(Plan {
+            rdma,
             kind: a.transport.kind(),
             sizes,
             lanes: a.lanes,
@@ -188,9 +242,10 @@ impl Plan {
     fn net_config(&self, me: PeerId) -> NetConfig {
         let mut c = NetConfig::new(me, SocketAddr::from(([127, 0, 0, 1], 0)));
         c.force = Some(self.kind);
-        if self.kind == LinkKind::Tcp {
+        if self.kind != LinkKind::Shm {
             c.unix_dir = None;
         }
+        c.rdma = self.rdma.clone();
         c.lanes = self.lanes;
         c.ring_bytes = self.ring_bytes;
         c.connect_timeout = Duration::from_secs(20);
@@ -375,6 +430,18 @@ pub fn main(args: RawArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Before anything starts: rdma runs on rdma or not at all.
+    let device = if plan.kind == LinkKind::Rdma {
+        match rdma_device(&plan.rdma) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("bps-bench: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    } else {
+        None
+    };
     if let Some(addr) = args.peer {
         return match receiver(&plan, addr, args.peer_unix.clone()) {
             Ok(()) => ExitCode::SUCCESS,
@@ -388,7 +455,7 @@ pub fn main(args: RawArgs) -> ExitCode {
         eprintln!("bps-bench: raw: --inflight and --rounds must be at least 1");
         return ExitCode::from(2);
     }
-    match sender(&plan, &args) {
+    match sender(&plan, &args, device.as_ref()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bps-bench raw: {e}");
@@ -538,7 +605,11 @@ fn receiver(plan: &Plan, peer: SocketAddr, peer_unix: Option<PathBuf>) -> Result
 
 // -------------------------------------------------------------------------------- sender
 
-fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
+fn sender(
+    plan: &Plan,
+    args: &RawArgs,
+    device: Option<&bps_transport::rdma::DeviceSummary>,
+) -> Result<(), String> {
     let net = Net::bind(plan.net_config(SENDER)).map_err(|e| e.to_string())?;
     let addr = net.local_addr();
     let mut side = Side {
@@ -611,6 +682,8 @@ fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
         .net
         .link_kind(RECEIVER)
         .map_or("?".to_string(), |k| k.to_string());
+    // Printed after the link kind: the rdma device in use.
+    let on = device.map_or(String::new(), |d| format!(" ({d})"));
     let (dst_token, slot_len, _slots) = ready.expect("loop ends with it");
 
     let doc = if plan.pingpong {
@@ -618,7 +691,7 @@ fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
         let warmup = args.warmup.unwrap_or(1000);
         let rows = pingpong(&mut side, plan, iters, warmup, args.check)?;
         println!(
-            "# bps-bench raw --pingpong: {link}, {iters} round trips per size ({warmup} warm-up), spin {} us",
+            "# bps-bench raw --pingpong: {link}{on}, {iters} round trips per size ({warmup} warm-up), spin {} us",
             plan.spin.as_micros()
         );
         println!(
@@ -652,7 +725,7 @@ fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
         let warmup = args.warmup.unwrap_or(1);
         let rows = throughput(&mut side, plan, args, iters, warmup, dst_token, slot_len)?;
         println!(
-            "# bps-bench raw: {link}, {} lane(s), {iters} writes per round, {} in flight, median of {} rounds ({warmup} warm-up), spin {} us",
+            "# bps-bench raw: {link}{on}, {} lane(s), {iters} writes per round, {} in flight, median of {} rounds ({warmup} warm-up), spin {} us",
             plan.write_lanes(),
             args.inflight,
             args.rounds,
@@ -700,13 +773,19 @@ fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
             })
             .collect();
         if bad {
-            write_json(args, plan, &link, serde_json::json!({"rows": jrows}));
+            write_json(
+                args,
+                plan,
+                &link,
+                device,
+                serde_json::json!({"rows": jrows}),
+            );
             return Err("data did not land as sent (--check)".into());
         }
         serde_json::json!({"mode": "raw", "iters": iters, "warmup": warmup,
             "rounds": args.rounds, "inflight": args.inflight, "rows": jrows})
     };
-    write_json(args, plan, &link, doc);
+    write_json(args, plan, &link, device, doc);
 
     // Tell the receiver to stop, and see it go.
     side.send(&[])?;
@@ -726,7 +805,13 @@ fn sender(plan: &Plan, args: &RawArgs) -> Result<(), String> {
     }
 }
 
-fn write_json(args: &RawArgs, plan: &Plan, link: &str, mut doc: serde_json::Value) {
+fn write_json(
+    args: &RawArgs,
+    plan: &Plan,
+    link: &str,
+    device: Option<&bps_transport::rdma::DeviceSummary>,
+    mut doc: serde_json::Value,
+) {
     let Some(path) = &args.json else { return };
     if let Some(o) = doc.as_object_mut() {
         o.insert("version".into(), env!("CARGO_PKG_VERSION").into());
@@ -735,6 +820,9 @@ fn write_json(args: &RawArgs, plan: &Plan, link: &str, mut doc: serde_json::Valu
         o.insert("host".into(), sysinfo::hostname().into());
         o.insert("machine".into(), sysinfo::machine_json());
         o.insert("transport".into(), link.into());
+        if let Some(d) = device {
+            o.insert("rdma_device".into(), d.to_string().into());
+        }
         o.insert("lanes".into(), plan.write_lanes().into());
         o.insert("spin_us".into(), (plan.spin.as_micros() as u64).into());
         o.insert("check".into(), args.check.into());
