@@ -252,6 +252,32 @@ mod on_gpu {
                 assert_eq!(*x, e, "many{t} element {i}");
             }
         }
+        // One tensor, several operations submitted back to back before any is waited for:
+        // each sums the previous result (in place), so they must run in order, each on the
+        // whole previous sum. Values stay small integers: exact in f32.
+        let n = (3 << 20) / 4 + 5;
+        let host: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+        let d = upload(&host);
+        let buf = DeviceBuf {
+            ptr: d.ptr,
+            device: dev,
+            bytes: n * 4,
+            dtype: DType::F32,
+            stream: 0,
+        };
+        let reps = 5u32;
+        let hs: Vec<_> = (0..reps)
+            // SAFETY: `d` lives until after the waits below.
+            .map(|_| unsafe { b.push_pull_device("again", buf, PushPullOpts::default()) }.unwrap())
+            .collect();
+        for h in &hs {
+            b.wait(h).unwrap();
+        }
+        let got: Vec<f32> = download(&d, n);
+        let f = (w as f32).powi(reps as i32);
+        for (i, x) in got.iter().enumerate() {
+            assert_eq!(*x, (i % 7) as f32 * f, "back-to-back element {i}");
+        }
         // Broadcast from the last worker.
         let root = w - 1;
         let host: Vec<f32> = (0..n).map(|i| value(i, r) + 1000.0 * r as f32).collect();

@@ -369,6 +369,14 @@ struct Engine {
     stage_out: CreditQueue<(u64, u32)>,
     /// Operations not started because the communicator is not ready yet.
     parked: Vec<GpuOp>,
+    /// Several hosts: operations waiting for the one in flight on the same tensor, each with the
+    /// caller-stream event recorded when it was submitted. One operation per tensor at a time
+    /// reuses one staging buffer instead of pinning a new one per queued operation (pinning
+    /// hundreds of MiB blocks this thread for tens of milliseconds), and the host part sees the
+    /// operations of a tensor in order anyway.
+    waiting: HashMap<u32, std::collections::VecDeque<(GpuOp, cu::CUevent)>>,
+    /// Caller-stream events recorded at submission for operations that waited (by op id).
+    pre_user: HashMap<u64, cu::CUevent>,
     /// What a STAGE_OUT copy must wait for: the chunk's reduction or the caller's stream.
     d2h_wait: HashMap<(u64, u32), cu::CUevent>,
     /// Caller-stream events shared by all chunks of an operation (one GPU per host).
@@ -426,6 +434,8 @@ impl Engine {
             early_go: HashSet::new(),
             stage_out: CreditQueue::new(credit),
             parked: Vec::new(),
+            waiting: HashMap::new(),
+            pre_user: HashMap::new(),
             d2h_wait: HashMap::new(),
             keep_user_event: HashMap::new(),
             host_cq: CompletionQueue::new(false),
@@ -597,8 +607,18 @@ impl Engine {
     fn teardown(&mut self) {
         let err = self.broken.clone().unwrap_or(Error::ShutDown);
         let ids: Vec<u64> = self.ops.keys().copied().collect();
+        // Waiting operations first: failing one in flight would start the next.
+        for (_, q) in std::mem::take(&mut self.waiting) {
+            for (op, ev) in q {
+                self.events.push(ev);
+                op.completer.complete(Err(err.clone()));
+            }
+        }
         for id in ids {
             self.fail(id, err.clone());
+        }
+        for (_, ev) in std::mem::take(&mut self.pre_user) {
+            self.events.push(ev);
         }
         if let Some(c) = self.comm.take() {
             // SAFETY: our communicator; abort does not wait for other ranks.
@@ -753,7 +773,12 @@ impl Engine {
                     self.pool.put(s);
                 }
             }
+            if let Some(ev) = self.pre_user.remove(&id) {
+                self.events.push(ev);
+            }
+            let tensor = o.op.tensor;
             o.op.completer.complete(Err(err));
+            self.start_next(tensor);
         }
     }
 
@@ -769,6 +794,10 @@ impl Engine {
             peer: format!("GPU {}", self.device),
             reason: why,
         };
+        // Broken first: the operations waiting behind this one then fail instead of starting.
+        if self.broken.is_none() {
+            self.broken = Some(err.clone());
+        }
         self.fail(id, err.clone());
         self.break_engine(err);
     }
@@ -794,8 +823,39 @@ impl Engine {
     // ------------------------------------------------------------ stages
 
     fn start(&mut self, op: GpuOp) {
+        self.start_recorded(op, None);
+    }
+
+    /// Start the next waiting operation of `tensor`, if any (one that cannot start, because the
+    /// engine broke or it needs no work, lets the one after it go).
+    fn start_next(&mut self, tensor: u32) {
+        while !self.ops.values().any(|o| o.op.tensor == tensor) {
+            let Some(q) = self.waiting.get_mut(&tensor) else {
+                return;
+            };
+            let Some((op, ev)) = q.pop_front() else {
+                self.waiting.remove(&tensor);
+                return;
+            };
+            if q.is_empty() {
+                self.waiting.remove(&tensor);
+            }
+            self.start_recorded(op, Some(ev));
+        }
+    }
+
+    fn start_recorded(&mut self, op: GpuOp, user: Option<cu::CUevent>) {
+        // An event recorded at submission goes back to the pool whatever happens below (it
+        // is moved into `pre_user` when the operation really starts).
+        let mut user = user;
+        let give_back = |s: &mut Self, u: &mut Option<cu::CUevent>| {
+            if let Some(ev) = u.take() {
+                s.events.push(ev);
+            }
+        };
         if let Some(e) = &self.broken {
             op.completer.complete(Err(e.clone()));
+            give_back(self, &mut user);
             return;
         }
         if op.buf.device != self.device {
@@ -804,12 +864,35 @@ impl Engine {
                 op.name, op.buf.device, self.device
             ));
             op.completer.complete(Err(e));
+            give_back(self, &mut user);
             return;
         }
         if op.buf.bytes == 0 || (self.shape.num_workers == 1) {
             // Nothing to reduce with: the tensor already is the result (a one-worker average
             // divides by one).
             op.completer.complete(Ok(()));
+            give_back(self, &mut user);
+            return;
+        }
+        // Several hosts: one operation per tensor in flight, the others wait in order (with
+        // the caller's stream as it was when they were submitted).
+        if self.nodes > 1
+            && user.is_none()
+            && (self.waiting.contains_key(&op.tensor)
+                || self.ops.values().any(|o| o.op.tensor == op.tensor))
+        {
+            match self.record(op.buf.stream as usize as cu::CUstream) {
+                Ok(ev) => self
+                    .waiting
+                    .entry(op.tensor)
+                    .or_default()
+                    .push_back((op, ev)),
+                Err(why) => op.completer.complete(Err(Error::Peer {
+                    what: format!("GPU {}", self.device),
+                    peer: String::new(),
+                    reason: why,
+                })),
+            }
             return;
         }
         let chunks = match partition(
@@ -821,6 +904,7 @@ impl Engine {
             Err(e) => {
                 op.completer
                     .complete(Err(Error::InvalidArgument(e.to_string())));
+                give_back(self, &mut user);
                 return;
             }
         };
@@ -856,6 +940,9 @@ impl Engine {
                 deadline,
             },
         );
+        if let Some(ev) = user.take() {
+            self.pre_user.insert(id, ev);
+        }
         if l > 1 {
             self.ask_go(id, tensor, seq, 0);
         } else {
@@ -897,8 +984,12 @@ impl Engine {
         let kind = o.op.kind;
         let chunks = o.chunks.clone();
         let owner = o.owner.clone();
-        // Work on the caller's stream so far comes first.
-        let user = self.record(buf.stream as usize as cu::CUstream)?;
+        // Work on the caller's stream so far (as of submission, for an operation that waited
+        // for the previous one on its tensor) comes first.
+        let user = match self.pre_user.remove(&id) {
+            Some(ev) => ev,
+            None => self.record(buf.stream as usize as cu::CUstream)?,
+        };
         let dt = nccl_type(buf.dtype);
         let count = buf.bytes / buf.dtype.size();
         let p = buf.ptr as *mut c_void;
@@ -1340,7 +1431,9 @@ impl Engine {
                     if let Some(s) = o.staging {
                         self.pool.put(s);
                     }
+                    let tensor = o.op.tensor;
                     o.op.completer.complete(Ok(()));
+                    self.start_next(tensor);
                     return Ok(());
                 }
             }
