@@ -354,9 +354,13 @@ fn run(bps: &Bps, args: &RunArgs, progress: &mut progress::Progress) -> Result<V
             for it in 0..args.warmup + args.iters {
                 let shifts: Vec<usize> = (0..k).map(|t| pattern.shift(t, it, k)).collect();
                 let bufs: Vec<Vec<u8>> = shifts.iter().map(|&s| pattern.input(s)).collect();
-                // Every worker starts the timed part together (as the Gloo and NCCL scripts do):
-                // a worker still checking the previous iteration is not timed as network time.
-                bps.barrier().map_err(|e| e.to_string())?;
+                // Every worker starts the timed part together (as the Gloo script does): with
+                // --check, a worker still checking the previous iteration is not timed as
+                // network time. Without it, only before the first (a barrier per iteration lets
+                // the event loops fall asleep, which small-message round trips would time).
+                if args.check || it == 0 {
+                    bps.barrier().map_err(|e| e.to_string())?;
+                }
                 let t0 = Instant::now();
                 let mut pending = Vec::new();
                 for (t, b) in bufs.into_iter().enumerate() {
