@@ -90,7 +90,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_CREDIT_BYTES"], default: "", allowed: "bytes >= 1", doc: "bytes a worker may be pushing at once; overrides BYTEPS_SCHEDULING_CREDIT" },
     Tunable { names: &["BYTEPS_SERVER_ENGINE_THREAD"], default: "4", allowed: "integer 1..=256", doc: "summation threads per server" },
     Tunable { names: &["BPS_TIMEOUT"], default: "60s", allowed: "duration: 500ms, 30s, 2m or plain seconds", doc: "a peer silent this long fails every pending operation that needs it" },
-    Tunable { names: &["BPS_TRANSPORT"], default: "auto", allowed: "auto | tcp | shm | rdma", doc: "force one backend for remote peers (auto: shm on the same host, else tcp)" },
+    Tunable { names: &["BPS_TRANSPORT"], default: "auto", allowed: "auto | tcp | shm | rdma", doc: "force one backend for remote peers (auto: shm on the same host, else rdma where a device is up, else tcp)" },
     Tunable { names: &["BPS_TCP_LANES"], default: "2", allowed: "integer 1..=64", doc: "TCP connections per peer" },
     Tunable { names: &["BPS_SHM_RING_BYTES"], default: "4194304", allowed: "power of two, 4096 ..= 1 GiB", doc: "bytes of each shared-memory ring" },
     Tunable { names: &["BPS_HOST", "DMLC_NODE_HOST"], default: "", allowed: "IP address", doc: "address peers use to reach this process (default: DMLC_INTERFACE's, else the one that reaches the scheduler)" },
