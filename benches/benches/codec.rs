@@ -59,6 +59,7 @@ fn welcome(entries: u32) -> Msg {
         num_servers: entries / 2,
         local_size: 4,
         partition_bytes: 4 << 20,
+        min_chunks: 64,
         book,
     }
 }
