@@ -91,6 +91,40 @@ impl NetConfig {
     }
 }
 
+/// Remove the listening sockets that processes killed before they could clean up (kill -9, a
+/// crash) left in `dir`: `bps-<pid>-*.sock` whose process no longer exists. A socket of a live
+/// process is never touched (its pid exists, or something accepts connections on the file); one
+/// whose pid was reused by an unrelated process stays (harmless).
+/// Best effort: errors are ignored.
+fn remove_stale_sockets(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        let Some(pid) = name
+            .strip_prefix("bps-")
+            .and_then(|r| r.strip_suffix(".sock"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // Dead here, and nobody listening (a process of another pid namespace sharing this
+        // directory could have the same pid): a stale file.
+        if pid != std::process::id()
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && std::os::unix::net::UnixStream::connect(e.path())
+                .is_err_and(|err| err.kind() == io::ErrorKind::ConnectionRefused)
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// Identity of this host as seen by peers: the kernel's boot id and the network namespace, so
 /// processes in different network namespaces (emulated hosts) never share memory links.
 pub fn local_host_id() -> String {
@@ -392,6 +426,7 @@ impl Net {
             .map_err(|e| Error::io("register listener", e))?;
         let unix = match (&cfg.unix_dir, cfg.force) {
             (Some(dir), None | Some(LinkKind::Shm)) => {
+                remove_stale_sockets(dir);
                 let path = dir.join(format!(
                     "bps-{}-{}-{}.sock",
                     std::process::id(),
@@ -1990,5 +2025,38 @@ impl Drop for Net {
         if let Some((_, path)) = &self.unix {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod stale_socket_tests {
+    use super::*;
+
+    /// kill -9 leaves `bps-<pid>-*.sock` behind: the next bind in the same directory removes
+    /// those of dead processes and keeps those of live ones (and unrelated files).
+    #[test]
+    fn bind_removes_sockets_of_dead_processes_only() {
+        let dir = std::env::temp_dir().join(format!("bps-stale-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = dir.join(format!("bps-{dead}-0-40000.sock"));
+        let live = dir.join(format!("bps-{}-0-1.sock", std::process::id()));
+        let other = dir.join("bps-notapid.sock");
+        // a socket file nobody listens on any more (its listener is gone, as after kill -9)
+        drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+        for f in [&live, &other] {
+            std::fs::write(f, b"").unwrap();
+        }
+        let mut cfg = NetConfig::new(PeerId(0), "127.0.0.1:0".parse().unwrap());
+        cfg.unix_dir = Some(dir.clone());
+        let net = Net::bind(cfg).unwrap();
+        assert!(!stale.exists(), "the dead process's socket is removed");
+        assert!(live.exists(), "a live process's socket is kept");
+        assert!(other.exists(), "other files are kept");
+        drop(net);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
