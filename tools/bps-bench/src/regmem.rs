@@ -89,8 +89,11 @@ impl RegNet {
     pub fn bytes(&self, token: u64) -> Option<&[u8]> {
         let b = self.bufs.iter().find(|b| b.token == token)?;
         // SAFETY: the allocation is live (freed only with `self`) and at least `len` bytes long.
-        // Nothing writes it while the slice lives: only the Net writes it, inside `&mut self`
-        // methods of this RegNet, which the `&self` borrow excludes.
+        // Nothing writes it while the slice lives: over tcp and shm only the Net writes it,
+        // inside `&mut self` methods of this RegNet, which the `&self` borrow excludes; over
+        // rdma the NIC writes asynchronously, and `raw` reads a receive region only after every
+        // write of the round has been reported received and before the next round is sent, so
+        // no write into it is in flight while the slice lives.
         Some(unsafe { std::slice::from_raw_parts(b.ptr as *const u8, b.len) })
     }
 

@@ -48,7 +48,7 @@
 //! * **Registration cache.** A region is registered with the NIC once, on its first RDMA use (or
 //!   at [`Transport::register`](crate::Transport::register) when `BPS_TRANSPORT=rdma` is forced);
 //!   registering the same `(address, length)` again under a new token reuses the memory region
-//!   (reference counted). [`RdmaStats::mr_registrations`] counts the `ibv_reg_mr` calls.
+//!   (reference counted). [`RdmaStats::mr_registrations`] counts the `ibv_reg_mr` (and `ibv_reg_dmabuf_mr`) calls.
 //! * **Liveness.** A dead peer is noticed by its tcp link (EOF / reset) as before; a queue pair
 //!   error (retry exceeded, remote access error) drops the whole link with the verbs status in
 //!   the `PeerLost` reason.
@@ -213,9 +213,10 @@ impl std::fmt::Display for DeviceSummary {
 /// Counters of the RDMA backend of a `Net` (all zero without the feature).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RdmaStats {
-    /// `ibv_reg_mr` calls for regions of the application (link buffers not counted).
+    /// `ibv_reg_mr` and `ibv_reg_dmabuf_mr` calls for regions of the application (link buffers
+    /// not counted).
     pub mr_registrations: u64,
-    /// `ibv_dereg_mr` calls for regions of the application.
+    /// `ibv_dereg_mr` calls for regions of the application (dma-buf regions included).
     pub mr_deregistrations: u64,
     /// Bytes registered now (link buffers included).
     pub registered_bytes: u64,
