@@ -253,30 +253,22 @@ fn start(cfg: Config) -> Result<Inner> {
     stream
         .set_read_timeout(Some(cfg.timeout))
         .map_err(|e| rv(e.to_string()))?;
-    let (rank, me, num_workers, num_servers, local_size, partition_bytes, min_chunks, book) =
-        match welcome {
-            Msg::Welcome {
-                rank,
-                peer,
-                num_workers,
-                num_servers,
-                local_size,
-                partition_bytes,
-                min_chunks,
-                book,
-            } => (
-                rank,
-                peer,
-                num_workers,
-                num_servers,
-                local_size,
-                partition_bytes,
-                min_chunks,
-                book,
-            ),
-            Msg::Refused { reason } => return Err(rv(format!("refused: {reason}"))),
-            other => return Err(rv(format!("unexpected answer {other:?}"))),
-        };
+    let Msg::Welcome {
+        rank,
+        peer: me,
+        num_workers,
+        num_servers,
+        local_size,
+        partition_bytes,
+        min_chunks,
+        book,
+    } = welcome
+    else {
+        return Err(match welcome {
+            Msg::Refused { reason } => rv(format!("refused: {reason}")),
+            other => rv(format!("unexpected answer {other:?}")),
+        });
+    };
     // Servers adopt the job's partition size (it bounds what a push may claim).
     let mut cfg = cfg;
     if partition_bytes > 0 {

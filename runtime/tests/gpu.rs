@@ -152,6 +152,17 @@ mod on_gpu {
     }
 
     /// Small integers: exact in f16/bf16/f32 whatever the order of the sum.
+    /// `n` f32 elements of `d` on GPU `dev`, on the default stream.
+    pub fn f32_buf(d: &Dev, dev: i32, n: usize) -> DeviceBuf {
+        DeviceBuf {
+            ptr: d.ptr,
+            device: dev,
+            bytes: n * 4,
+            dtype: DType::F32,
+            stream: 0,
+        }
+    }
+
     pub fn value(i: usize, rank: u32) -> f32 {
         ((i % 13) as u32 + rank) as f32
     }
@@ -228,13 +239,7 @@ mod on_gpu {
             .map(|t| {
                 let host: Vec<f32> = (0..n).map(|i| value(i + t, r)).collect();
                 let d = upload(&host);
-                let buf = DeviceBuf {
-                    ptr: d.ptr,
-                    device: dev,
-                    bytes: n * 4,
-                    dtype: DType::F32,
-                    stream: 0,
-                };
+                let buf = f32_buf(&d, dev, n);
                 let opts = PushPullOpts {
                     average: false,
                     priority: (t % 3) as i32,
@@ -258,13 +263,7 @@ mod on_gpu {
         let n = (3 << 20) / 4 + 5;
         let host: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
         let d = upload(&host);
-        let buf = DeviceBuf {
-            ptr: d.ptr,
-            device: dev,
-            bytes: n * 4,
-            dtype: DType::F32,
-            stream: 0,
-        };
+        let buf = f32_buf(&d, dev, n);
         let reps = 5u32;
         let hs: Vec<_> = (0..reps)
             // SAFETY: `d` lives until after the waits below.
@@ -282,13 +281,7 @@ mod on_gpu {
         let root = w - 1;
         let host: Vec<f32> = (0..n).map(|i| value(i, r) + 1000.0 * r as f32).collect();
         let d = upload(&host);
-        let buf = DeviceBuf {
-            ptr: d.ptr,
-            device: dev,
-            bytes: n * 4,
-            dtype: DType::F32,
-            stream: 0,
-        };
+        let buf = f32_buf(&d, dev, n);
         // SAFETY: `d` lives until after the wait.
         let h = unsafe { b.broadcast_device("bcast", buf, root, 0) }.unwrap();
         b.wait(&h).unwrap();

@@ -70,6 +70,24 @@ fn pump(a: &mut Net, ea: &mut Vec<Event>, b: &mut Net, eb: &mut Vec<Event>) {
     b.poll(eb, Some(Duration::from_millis(1))).expect("poll b");
 }
 
+/// Pumps both ends until the writer (first pair) saw an event matching `done` and the reader
+/// (second pair) one matching `got`; fails after 30 s naming `what`.
+fn until_written(
+    [(w, ew), (r, er)]: [(&mut Net, &mut Vec<Event>); 2],
+    done: impl Fn(&Event) -> bool,
+    got: impl Fn(&Event) -> bool,
+    what: &str,
+) {
+    let end = Instant::now() + Duration::from_secs(30);
+    let (mut seen_done, mut seen_got) = (false, false);
+    while !(seen_done && seen_got) {
+        assert!(Instant::now() < end, "{what}: {ew:?} / {er:?}");
+        pump(w, ew, r, er);
+        seen_done |= ew.drain(..).any(|e| done(&e));
+        seen_got |= er.drain(..).any(|e| got(&e));
+    }
+}
+
 fn connect(a: &mut Net, b: &mut Net) -> (Vec<Event>, Vec<Event>) {
     a.add_peer(PeerId(1), b.local_addr()).expect("add 1");
     b.add_peer(PeerId(0), a.local_addr()).expect("add 0");
@@ -1228,18 +1246,12 @@ fn dmabuf_region_writes_over_rdma_or_says_why_not() {
         1,
     )
     .expect("write from the dma-buf region");
-    let end = Instant::now() + Duration::from_secs(30);
-    let (mut done, mut got) = (false, false);
-    while !(done && got) {
-        assert!(Instant::now() < end, "write from dma-buf: {ea:?} / {eb:?}");
-        pump(&mut a, &mut ea, &mut b, &mut eb);
-        done |= ea
-            .drain(..)
-            .any(|e| matches!(e, Event::WriteDone { wr_id: 1, .. }));
-        got |= eb
-            .drain(..)
-            .any(|e| matches!(e, Event::WriteReceived { imm: 1, .. }));
-    }
+    until_written(
+        [(&mut a, &mut ea), (&mut b, &mut eb)],
+        |e| matches!(e, Event::WriteDone { wr_id: 1, .. }),
+        |e| matches!(e, Event::WriteReceived { imm: 1, .. }),
+        "write from dma-buf",
+    );
     assert!(host[..] == buf.bytes()[..], "bytes from the dma-buf");
     // From the peer's host memory into the dma-buf region (at an offset).
     b.try_write_imm(
@@ -1256,18 +1268,13 @@ fn dmabuf_region_writes_over_rdma_or_says_why_not() {
         2,
     )
     .expect("write into the dma-buf region");
-    let end = Instant::now() + Duration::from_secs(30);
-    let (mut done, mut got) = (false, false);
-    while !(done && got) {
-        assert!(Instant::now() < end, "write into dma-buf: {ea:?} / {eb:?}");
-        pump(&mut a, &mut ea, &mut b, &mut eb);
-        done |= eb
-            .drain(..)
-            .any(|e| matches!(e, Event::WriteDone { wr_id: 2, .. }));
-        got |= ea.drain(..).any(|e| {
-            matches!(e, Event::WriteReceived { imm: 2, token, offset: 4096, .. } if token == s.token)
-        });
-    }
+    let dmabuf_token = s.token;
+    until_written(
+        [(&mut b, &mut eb), (&mut a, &mut ea)],
+        |e| matches!(e, Event::WriteDone { wr_id: 2, .. }),
+        |e| matches!(e, Event::WriteReceived { imm: 2, token, offset: 4096, .. } if *token == dmabuf_token),
+        "write into dma-buf",
+    );
     let expect_head: Vec<u8> = (0..4096)
         .map(|i| (i as u8).wrapping_mul(13) ^ 0x5a)
         .collect();
