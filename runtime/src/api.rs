@@ -15,7 +15,7 @@ use crossbeam_channel::Sender;
 use crate::config::{Config, Role};
 use crate::dtype::DType;
 use crate::mem::RawSlice;
-use crate::node::{Command, Node, OpKind, OpRequest, Stats};
+use crate::node::{Command, LoopAsleep, Node, OpKind, OpRequest, Stats};
 use crate::proto::{BookEntry, Msg, Register};
 use crate::sched::{self, read_msg, write_msg, Scheduler};
 use crate::{Error, Result};
@@ -74,6 +74,8 @@ struct Inner {
     num_servers: u32,
     cmds: Sender<Command>,
     waker: Waker,
+    /// Whether the event loop sleeps (operations wake it only then).
+    asleep: LoopAsleep,
     cq: CompletionQueue<Error>,
     names: Mutex<Names>,
     next_op: AtomicU64,
@@ -318,6 +320,7 @@ fn start(cfg: Config) -> Result<Inner> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let (gpu_tx, gpu_rx) = crossbeam_channel::unbounded();
     let waker = net.waker();
+    let asleep = LoopAsleep::default();
     let stats = Arc::new(Stats::default());
     let sched_w = Arc::new(Mutex::new(
         stream.try_clone().map_err(|e| rv(e.to_string()))?,
@@ -376,6 +379,7 @@ fn start(cfg: Config) -> Result<Inner> {
         stats.clone(),
         local_size,
         gpu_tx.clone(),
+        asleep.clone(),
     );
     let node = std::thread::Builder::new()
         .name(format!("bps-{}-{rank}", cfg.role))
@@ -394,6 +398,7 @@ fn start(cfg: Config) -> Result<Inner> {
         num_servers,
         cmds: tx,
         waker,
+        asleep,
         cq: CompletionQueue::new(false),
         names: Mutex::new(Names::default()),
         next_op: AtomicU64::new(1),
@@ -614,7 +619,7 @@ impl Bps {
             drop(e);
             return Err(Error::ShutDown);
         }
-        self.inner.waker.wake();
+        self.inner.asleep.notify(&self.inner.waker);
         Ok(handle)
     }
 

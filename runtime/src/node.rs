@@ -25,6 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpStream;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -313,6 +314,42 @@ pub(crate) struct Node {
     /// memory are dropped after each operation (the application may free the memory and get
     /// the same addresses back on other pages) unless BPS_RDMA_CACHE_USER_MEMORY=1.
     rdma_links: bool,
+    /// When an operation of this process last completed: its caller probably submits the next
+    /// one within microseconds, so the loop keeps polling a moment (see `run`).
+    last_done: Option<Instant>,
+    /// Set while the loop is about to sleep or asleep in the kernel (see [`LoopAsleep`]).
+    asleep: LoopAsleep,
+}
+
+/// Whether an event loop sleeps in the kernel, so that the threads submitting operations
+/// write to its waker (a system call, and a cross-core wake-up) only when it does: while the
+/// loop polls without sleeping it finds new commands by itself.
+///
+/// Store-buffering on both sides: the loop sets the flag, fences, then checks the command
+/// queue; a submitter sends its command, fences, then reads the flag. Either the loop sees
+/// the command (and does not sleep) or the submitter sees the flag (and wakes it).
+#[derive(Clone, Default)]
+pub(crate) struct LoopAsleep(Arc<AtomicBool>);
+
+impl LoopAsleep {
+    /// After sending a command: wake the loop if it may be asleep.
+    pub(crate) fn notify(&self, waker: &Waker) {
+        fence(Ordering::SeqCst);
+        if self.0.load(Ordering::Relaxed) {
+            waker.wake();
+        }
+    }
+
+    /// Before a blocking poll; returns whether commands arrived meanwhile (then do not block).
+    fn going_to_sleep(&self, cmds: &Receiver<Command>) -> bool {
+        self.0.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        !cmds.is_empty()
+    }
+
+    fn awake(&self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Counters the tests and tools read.
@@ -399,6 +436,7 @@ impl Node {
         stats: Arc<Stats>,
         local_size: u32,
         gpu_tx: Sender<GpuMsg>,
+        asleep: LoopAsleep,
     ) -> Node {
         let is_worker = book
             .get(me.0 as usize)
@@ -455,6 +493,8 @@ impl Node {
             local_reduce,
             gpu_tx,
             rdma_links: false,
+            last_done: None,
+            asleep,
         }
     }
 
@@ -495,14 +535,26 @@ impl Node {
             let mut timeout = self.next_timeout();
             if self.has_inline_work() {
                 timeout = Duration::ZERO;
-            } else if !spin.is_zero() && last_activity.elapsed() < spin && self.in_flight() {
-                // Waiting for an answer that is probably microseconds away: a blocking wake-up
-                // costs far more (about 100 µs across cores), so poll without sleeping a moment.
+            } else if !spin.is_zero()
+                && last_activity.elapsed() < spin
+                && (self.in_flight() || self.last_done.is_some_and(|t| t.elapsed() < spin))
+            {
+                // Waiting for an answer that is probably microseconds away, or for the next
+                // operation of a caller that was just told its last one is done: a blocking
+                // wake-up costs far more (tens of µs across cores in a VM), so poll without
+                // sleeping a moment. A server-only process never spins after answering.
+                timeout = Duration::ZERO;
+            }
+            let blocking = !timeout.is_zero();
+            if blocking && self.asleep.going_to_sleep(&self.cmds) {
                 timeout = Duration::ZERO;
             }
             let mut events = std::mem::take(&mut self.events);
             if let Err(e) = self.net.poll(&mut events, Some(timeout)) {
                 self.fail_all(Error::Transport(e.to_string()));
+            }
+            if blocking {
+                self.asleep.awake();
             }
             if !events.is_empty() {
                 last_activity = Instant::now();
@@ -1902,6 +1954,7 @@ impl Node {
                 drop_regs,
             );
             a.req.completer.complete(Ok(()));
+            self.last_done = Some(Instant::now());
             self.start_ready(tensor);
         }
     }
@@ -2088,5 +2141,75 @@ fn engine(rx: Receiver<SumJob>, done: Sender<Result<u32, (u32, String)>>, waker:
             return;
         }
         waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bps_transport::NetConfig;
+
+    /// Submitters wake the loop only when it said it sleeps: no command may be left waiting
+    /// while the loop sleeps. One command at a time, each sent 0-4 µs after the loop took the
+    /// last one (so sends land while it is about to sleep, or asleep); the loop blocks for up
+    /// to 10 s per poll, so a lost wake-up shows as a command not taken within 5 s.
+    #[test]
+    fn loop_asleep_loses_no_wakeup() {
+        use std::sync::atomic::AtomicU32;
+        const N: u32 = 5_000;
+        let mut cfg = NetConfig::new(PeerId(0), "127.0.0.1:0".parse().unwrap());
+        cfg.unix_dir = None;
+        let mut net = Net::bind(cfg).unwrap();
+        let waker = net.waker();
+        let asleep = LoopAsleep::default();
+        let (tx, rx) = crossbeam_channel::unbounded::<Command>();
+        let got = Arc::new(AtomicU32::new(0));
+        let (flag, seen) = (asleep.clone(), got.clone());
+        let looper = std::thread::spawn(move || {
+            let mut slept = 0u32;
+            let mut events = Vec::new();
+            loop {
+                while rx.try_recv().is_ok() {
+                    seen.fetch_add(1, Ordering::Release);
+                }
+                if seen.load(Ordering::Relaxed) >= N {
+                    return slept;
+                }
+                // Widen the window between finding the queue empty and saying it sleeps.
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_micros(2) {
+                    std::hint::spin_loop();
+                }
+                if !flag.going_to_sleep(&rx) {
+                    slept += 1;
+                    net.poll(&mut events, Some(Duration::from_secs(10)))
+                        .unwrap();
+                }
+                flag.awake();
+            }
+        });
+        for i in 0..N {
+            let gap = Duration::from_nanos(u64::from(i.wrapping_mul(2_654_435_761) % 4_000));
+            let t = Instant::now();
+            while t.elapsed() < gap {
+                std::hint::spin_loop();
+            }
+            let (done, _) = crossbeam_channel::bounded(1);
+            tx.send(Command::Shutdown(done)).unwrap();
+            asleep.notify(&waker);
+            let t = Instant::now();
+            while got.load(Ordering::Acquire) <= i {
+                assert!(
+                    t.elapsed() < Duration::from_secs(5),
+                    "command {i} not taken in 5 s: the loop slept through it"
+                );
+                std::thread::yield_now();
+            }
+        }
+        let slept = looper.join().unwrap();
+        assert!(
+            slept > 0,
+            "the loop never went to sleep: the test did not test the wake-up"
+        );
     }
 }
