@@ -558,6 +558,10 @@ impl Node {
             }
             if !events.is_empty() {
                 last_activity = Instant::now();
+            } else if !blocking {
+                // Polling without sleeping and nothing came: let a thread that shares this CPU
+                // (the peer's event loop, the caller) run first.
+                std::thread::yield_now();
             }
             for ev in events.drain(..) {
                 self.on_event(ev);
