@@ -98,7 +98,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BPS_PORT"], default: "0", allowed: "port 0..65535 (0 = any free)", doc: "data port of this process" },
     Tunable { names: &["BPS_MAX_MESSAGE_BYTES"], default: "1048576", allowed: "bytes 4096 ..= 64 MiB", doc: "largest control message accepted from a peer" },
     Tunable { names: &["BPS_EMBED_SCHEDULER"], default: "auto", allowed: "auto | 0 | 1", doc: "run the scheduler inside worker rank 0 (auto: yes under torchrun-style variables or a lone worker; no when DMLC_PS_ROOT_PORT is set, as BytePS jobs start a scheduler process)" },
-    Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers, or after one of this process's operations completed (0 = always sleep)" },
+    Tunable { names: &["BPS_POLL_SPIN_US"], default: "50", allowed: "microseconds 0..=100000", doc: "how long the event loop polls without sleeping after activity while it waits for answers, or after one of this process's operations completed or a round was answered (0 = always sleep)" },
     Tunable { names: &["BPS_INLINE_SUM_BYTES"], default: "65536", allowed: "bytes 0..=1 GiB", doc: "chunks up to this size are summed on the event-loop thread instead of an engine thread" },
     Tunable { names: &["BPS_RDMA_DEVICE", "DMLC_RDMA_DEVICE"], default: "", allowed: "an RDMA device name (ibv_devices)", doc: "RDMA device (default: the first with an active port)" },
     Tunable { names: &["BPS_RDMA_PORT"], default: "", allowed: "port number 1..=255", doc: "RDMA port of the device (default: the first active)" },

@@ -314,8 +314,9 @@ pub(crate) struct Node {
     /// memory are dropped after each operation (the application may free the memory and get
     /// the same addresses back on other pages) unless BPS_RDMA_CACHE_USER_MEMORY=1.
     rdma_links: bool,
-    /// When an operation of this process last completed: its caller probably submits the next
-    /// one within microseconds, so the loop keeps polling a moment (see `run`).
+    /// When an operation of this process last completed, or this server last answered a round:
+    /// the next one probably comes within microseconds, so the loop keeps polling a moment
+    /// (see `run`).
     last_done: Option<Instant>,
     /// Set while the loop is about to sleep or asleep in the kernel (see [`LoopAsleep`]).
     asleep: LoopAsleep,
@@ -539,10 +540,10 @@ impl Node {
                 && last_activity.elapsed() < spin
                 && (self.in_flight() || self.last_done.is_some_and(|t| t.elapsed() < spin))
             {
-                // Waiting for an answer that is probably microseconds away, or for the next
-                // operation of a caller that was just told its last one is done: a blocking
-                // wake-up costs far more (tens of µs across cores in a VM), so poll without
-                // sleeping a moment. A server-only process never spins after answering.
+                // Waiting for an answer that is probably microseconds away, for the next
+                // operation of a caller that was just told its last one is done, or (a server)
+                // for the next round after answering one: a blocking wake-up costs far more
+                // (tens of µs across cores in a VM), so poll without sleeping a moment.
                 timeout = Duration::ZERO;
             }
             let blocking = !timeout.is_zero();
@@ -1825,6 +1826,7 @@ impl Node {
         for w in 0..n {
             self.send_answer(slot, w);
         }
+        self.last_done = Some(Instant::now());
     }
 
     fn send_answer(&mut self, slot: u32, w: u32) {
