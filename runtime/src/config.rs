@@ -87,6 +87,7 @@ pub const TUNABLES: &[Tunable] = &[
     Tunable { names: &["BYTEPS_PARTITION_BYTES"], default: "4194304", allowed: "bytes, 4096 ..= 1 GiB", doc: "chunk size tensors are cut into (rounded down to the element size)" },
     Tunable { names: &["BPS_MIN_CHUNKS_PER_SERVER"], default: "64", allowed: "integer >= 0 (0 = fixed partitions, as BytePS)", doc: "a tensor is cut into partitions smaller than BYTEPS_PARTITION_BYTES (down to 128 KiB) until each server gets this many chunks of it" },
     Tunable { names: &["BYTEPS_SCHEDULING_CREDIT"], default: "4", allowed: "integer >= 0 (0 = flow control off)", doc: "partitions a worker may be pushing at once (BytePS semantics; a partition's credit returns when its push has left, so pulls overlap later pushes)" },
+    Tunable { names: &["BPS_SERVER_CREDIT"], default: "3", allowed: "integer 0..=65536 (0 = no limit)", doc: "partitions of a tensor a worker may have at one server without their sums back; keeps the workers' pushes of a round arriving together" },
     Tunable { names: &["BPS_CREDIT_BYTES"], default: "", allowed: "bytes >= 1", doc: "bytes a worker may be pushing at once; overrides BYTEPS_SCHEDULING_CREDIT" },
     Tunable { names: &["BYTEPS_SERVER_ENGINE_THREAD"], default: "4", allowed: "integer 1..=256", doc: "summation threads per server" },
     Tunable { names: &["BPS_TIMEOUT"], default: "60s", allowed: "duration: 500ms, 30s, 2m or plain seconds", doc: "a peer silent this long fails every pending operation that needs it" },
@@ -253,6 +254,8 @@ pub struct Config {
     pub min_chunks_per_server: u32,
     /// Credit in bytes in flight (u64::MAX = off).
     pub credit_bytes: u64,
+    /// Partitions a worker may have at one server without their sums back (0 = no limit).
+    pub server_credit: u32,
     /// Summation threads.
     pub engine_threads: usize,
     /// Failure timeout.
@@ -406,6 +409,9 @@ impl Config {
                 .credit_bytes
             }
         };
+        let server_credit: u32 = l
+            .parse("BPS_SERVER_CREDIT", |v: &u32| *v <= 1 << 16)?
+            .unwrap_or(3);
         let engine_threads: usize = l
             .parse("BYTEPS_SERVER_ENGINE_THREAD", |v: &usize| {
                 (1..=256).contains(v)
@@ -536,6 +542,7 @@ impl Config {
             partition_bytes,
             min_chunks_per_server,
             credit_bytes,
+            server_credit,
             engine_threads,
             timeout,
             transport,

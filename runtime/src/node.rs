@@ -31,7 +31,9 @@ use std::time::{Duration, Instant};
 
 use bps_scheduler::{partition, Chunk, CreditQueue, Key, Priority};
 use bps_transport::cq::Completer;
-use bps_transport::{Event, Net, PeerId, RegistrationCache, RemoteSlice, Transport, Waker};
+use bps_transport::{
+    Event, LinkKind, Net, PeerId, RegistrationCache, RemoteSlice, Transport, Waker,
+};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::{Config, Role};
@@ -168,6 +170,12 @@ struct Active {
     /// Per chunk: its bytes count against the credit (from the moment the queue let it go
     /// until its push left this process, or its answer came, whichever is first).
     credit: Vec<bool>,
+    /// Per chunk: its bytes count against its server's window (`Worker::at_server`), from
+    /// the moment it was let go to that server until its answer came.
+    at_server: Vec<bool>,
+    /// This operation's number among the worker's operations (tells parked chunks of a
+    /// failed operation from those of the next one on the same tensor).
+    seq: u64,
 }
 
 struct WTensor {
@@ -183,6 +191,9 @@ struct WTensor {
     place_deadline: Option<Instant>,
     /// A GPU tensor: chunks go to their servers directly (NCCL reduced them in the host).
     gpu: bool,
+    /// Bytes of this tensor's chunks a worker may have at one server without their sums
+    /// back (BPS_SERVER_CREDIT partitions of this tensor's partition size; 0 = no limit).
+    server_window: u64,
     /// Chunks released by the GPU side before their operation started: (op, chunk).
     early: Vec<(u64, u32)>,
 }
@@ -195,6 +206,13 @@ struct Worker {
     retry: VecDeque<(u32, u32)>,
     cache: RegistrationCache,
     barriers: HashMap<u64, Completer<Error>>,
+    /// Bytes pushed to each server (or host aggregator) whose sums have not come back.
+    at_server: HashMap<PeerId, u64>,
+    /// Chunks let go by the credit queue but held back because their server's window was
+    /// full, per server in the order the queue gave them: (tensor, chunk, operation seq).
+    parked: HashMap<PeerId, VecDeque<(u32, u32, u64)>>,
+    /// Operations started so far (numbers `Active::seq`).
+    ops_started: u64,
 }
 
 // ---------------------------------------------------------------- server state
@@ -362,6 +380,11 @@ pub struct Stats {
     pub registrations: std::sync::atomic::AtomicU64,
     /// Rounds summed by this server.
     pub rounds: std::sync::atomic::AtomicU64,
+    /// Most bytes of this worker's chunks one server held without their sums back (servers
+    /// over a network link; `BPS_SERVER_CREDIT`).
+    pub max_at_server: std::sync::atomic::AtomicU64,
+    /// Chunks this worker held back because their server's window was full.
+    pub parked_chunks: std::sync::atomic::AtomicU64,
     /// Whether chunks are reduced inside host groups first (sums then add up group by group).
     pub local_reduce: std::sync::atomic::AtomicBool,
     /// Link kind of each connected peer (by transport id).
@@ -397,6 +420,61 @@ fn register_cached(
         let _ = net.deregister(old);
     }
     Ok(region.token)
+}
+
+/// The least window a server gets (unless the window is off): below it, the round trip of a
+/// fast link, rather than the link, would bound small tensors.
+const MIN_SERVER_WINDOW: u64 = 1 << 20;
+
+/// Bytes of one tensor's chunks a worker may have at one server without their sums back:
+/// `credit` partitions of the tensor's `partition_bytes`, at least [`MIN_SERVER_WINDOW`];
+/// 0 (no limit) when `credit` is 0.
+fn server_window(credit: u32, partition_bytes: usize) -> u64 {
+    if credit == 0 {
+        return 0;
+    }
+    u64::from(credit)
+        .saturating_mul(partition_bytes as u64)
+        .max(MIN_SERVER_WINDOW)
+}
+
+/// The credit queue let chunk `c` of tensor `t` go: count it against its server's window, or
+/// park it there (false) while the server already holds a window's worth of this worker's
+/// chunks without their sums back. A chunk always goes when its server holds none, so a
+/// chunk larger than the window still moves. Servers on this host (shm, loopback) have no
+/// window: no network link is shared there.
+fn admit_to_server(w: &mut Worker, net: &Net, stats: &Stats, t: u32, c: u32) -> bool {
+    let Some(x) = w.tensors.get_mut(&t) else {
+        return true;
+    };
+    let ci = c as usize;
+    if x.server_window == 0 {
+        return true;
+    }
+    let (Some(k), Some(ch)) = (x.keys.get(ci), x.chunks.get(ci)) else {
+        return true;
+    };
+    let Some(a) = x.active.as_mut() else {
+        return true;
+    };
+    let (server, len) = (k.server, ch.len as u64);
+    if matches!(
+        net.link_kind(server),
+        Some(LinkKind::Shm | LinkKind::Loopback)
+    ) {
+        return true;
+    }
+    let queued = w.parked.get(&server).is_some_and(|q| !q.is_empty());
+    let used = w.at_server.entry(server).or_insert(0);
+    if queued || (*used > 0 && *used + len > x.server_window) {
+        w.parked.entry(server).or_default().push_back((t, c, a.seq));
+        stats.parked_chunks.fetch_add(1, Ordering::Relaxed);
+        return false;
+    }
+    *used += len;
+    stats.max_at_server.fetch_max(*used, Ordering::Relaxed);
+    a.at_server[ci] = true;
+    true
 }
 
 /// An operation finished with its memory: unpin it in the registration cache, and with
@@ -450,6 +528,9 @@ impl Node {
             retry: VecDeque::new(),
             cache: RegistrationCache::new(1 << 16, 64 << 30),
             barriers: HashMap::new(),
+            at_server: HashMap::new(),
+            parked: HashMap::new(),
+            ops_started: 0,
         });
         let server = serves.then(|| Server::new(&cfg, waker.clone()));
         // Local reduction needs whole host groups that really share a host (shm between them).
@@ -852,6 +933,7 @@ impl Node {
                         place_deadline: None,
                         gpu: req.gpu.is_some(),
                         early: Vec::new(),
+                        server_window: server_window(self.cfg.server_credit, partition_bytes),
                     },
                 );
             }
@@ -952,6 +1034,11 @@ impl Node {
             deadline: Instant::now() + timeout,
             chunks: states,
             credit: vec![false; n],
+            at_server: vec![false; n],
+            seq: {
+                w.ops_started += 1;
+                w.ops_started
+            },
         });
     }
 
@@ -999,6 +1086,7 @@ impl Node {
         for (t, c) in retry {
             self.issue(t, c);
         }
+        self.unpark();
         loop {
             let Some(w) = self.worker.as_mut() else {
                 return;
@@ -1022,6 +1110,60 @@ impl Node {
                     continue;
                 }
             }
+            if !admit_to_server(w, &self.net, &self.stats, t, c) {
+                continue;
+            }
+            self.issue(t, c);
+        }
+    }
+
+    /// Let go the parked chunks whose server's window has room again.
+    fn unpark(&mut self) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        if w.parked.is_empty() {
+            return;
+        }
+        let mut go = Vec::new();
+        let servers: Vec<PeerId> = w.parked.keys().copied().collect();
+        for server in servers {
+            loop {
+                let Some(&(t, c, seq)) = w.parked.get(&server).and_then(|q| q.front()) else {
+                    break;
+                };
+                let Some(a) = w
+                    .tensors
+                    .get(&t)
+                    .and_then(|x| x.active.as_ref().map(|a| (x, a)))
+                else {
+                    w.parked.get_mut(&server).map(|q| q.pop_front());
+                    continue;
+                };
+                let (x, a) = a;
+                let ci = c as usize;
+                if a.seq != seq || a.chunks.get(ci) != Some(&ChunkSt::Queued) || a.at_server[ci] {
+                    // Its operation failed (the credit went back with it).
+                    w.parked.get_mut(&server).map(|q| q.pop_front());
+                    continue;
+                }
+                let len = x.chunks[ci].len as u64;
+                let used = w.at_server.get(&server).copied().unwrap_or(0);
+                if used > 0 && used + len > x.server_window {
+                    break;
+                }
+                w.parked.get_mut(&server).map(|q| q.pop_front());
+                let used = w.at_server.entry(server).or_insert(0);
+                *used += len;
+                self.stats.max_at_server.fetch_max(*used, Ordering::Relaxed);
+                if let Some(a) = w.tensors.get_mut(&t).and_then(|x| x.active.as_mut()) {
+                    a.at_server[ci] = true;
+                }
+                go.push((t, c));
+            }
+        }
+        w.parked.retain(|_, q| !q.is_empty());
+        for (t, c) in go {
             self.issue(t, c);
         }
     }
@@ -1931,6 +2073,11 @@ impl Node {
             return;
         }
         a.chunks[ci] = ChunkSt::Done;
+        if std::mem::take(&mut a.at_server[ci]) {
+            if let Some(u) = w.at_server.get_mut(&peer) {
+                *u = u.saturating_sub(c.len as u64);
+            }
+        }
         if let OpKind::Sum { average: true } = a.req.kind {
             // SAFETY: the server's answer for this chunk has fully arrived, no other write
             // targets this chunk of the output until the operation completes, and the API
@@ -2056,10 +2203,18 @@ impl Node {
                     let _ = self.net.deregister(tok);
                 }
             }
-            // Give back the credit of chunks that were counted in flight.
+            // Give back the credit of chunks that were counted in flight, and their room at
+            // their servers (parked chunks of this operation are dropped when met).
             for (i, held) in a.credit.iter().enumerate() {
                 if *held {
                     w.queue.release(t.chunks[i].len as u64);
+                }
+            }
+            for (i, held) in a.at_server.iter().enumerate() {
+                if *held {
+                    if let Some(u) = w.at_server.get_mut(&t.keys[i].server) {
+                        *u = u.saturating_sub(t.chunks[i].len as u64);
+                    }
                 }
             }
             a.req.completer.complete(Err(err.clone()));
@@ -2096,6 +2251,8 @@ impl Node {
         if let Some(w) = self.worker.as_mut() {
             w.queue.drain();
             w.retry.clear();
+            w.parked.clear();
+            w.at_server.clear();
             for (_, c) in w.barriers.drain() {
                 c.complete(Err(err.clone()));
             }

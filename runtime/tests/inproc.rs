@@ -440,3 +440,53 @@ fn workers_disagreeing_on_min_chunks_are_refused() {
         "{errs:?}"
     );
 }
+
+/// BPS_SERVER_CREDIT: over a network link a worker holds at most a window of chunks at one
+/// server without their sums back (here max(2 × 128 KiB, 1 MiB) = 1 MiB), parks the rest, and
+/// every result is still exact; with 0 nothing is parked.
+#[test]
+fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
+    for credit in ["2", "0"] {
+        let extra = [
+            ("BPS_TRANSPORT", "tcp"),
+            ("BYTEPS_PARTITION_BYTES", "131072"),
+            ("BPS_MIN_CHUNKS_PER_SERVER", "0"),
+            ("BPS_SERVER_CREDIT", credit),
+        ];
+        job(2, 1, &extra, move |b| {
+            let r = b.rank() as i32;
+            let n = 4 << 20; // 16 MiB of i32: 128 chunks at the one server
+            for step in 0..3 {
+                let v: Vec<i32> = (0..n as i32).map(|i| (i % 977) * (r + 1) + step).collect();
+                let out = b
+                    .push_pull(
+                        "win",
+                        v,
+                        PushPullOpts {
+                            average: false,
+                            priority: 0,
+                        },
+                    )
+                    .unwrap()
+                    .wait()
+                    .unwrap();
+                for (i, x) in out.iter().enumerate() {
+                    assert_eq!(
+                        *x,
+                        (i as i32 % 977) * 3 + 2 * step,
+                        "credit {credit} step {step} i {i}"
+                    );
+                }
+            }
+            let s = b.stats();
+            let max = s.max_at_server.load(std::sync::atomic::Ordering::Relaxed);
+            let parked = s.parked_chunks.load(std::sync::atomic::Ordering::Relaxed);
+            if credit == "2" {
+                assert!(max > 0 && max <= 1 << 20, "window 1 MiB, held {max}");
+                assert!(parked > 0, "a 16 MiB tensor never filled a 1 MiB window");
+            } else {
+                assert_eq!((max, parked), (0, 0), "window off");
+            }
+        });
+    }
+}
