@@ -422,9 +422,11 @@ fn register_cached(
     Ok(region.token)
 }
 
-/// The least window a server gets (unless the window is off): below it, the round trip of a
-/// fast link, rather than the link, would bound small tensors.
-const MIN_SERVER_WINDOW: u64 = 1 << 20;
+/// The least window a server gets (unless the window is off), so that tiny fixed partitions
+/// (`BYTEPS_PARTITION_BYTES` of a few KiB) still keep a link busy. On the emulated 1 Gbit/s
+/// cluster 768 KiB windows beat 1 MiB ones (`docs/cluster.md`); over loopback tcp 512 KiB and
+/// no floor measured the same.
+const MIN_SERVER_WINDOW: u64 = 512 << 10;
 
 /// Bytes of one tensor's chunks a worker may have at one server without their sums back:
 /// `credit` partitions of the tensor's `partition_bytes`, at least [`MIN_SERVER_WINDOW`];
@@ -2309,6 +2311,16 @@ fn engine(rx: Receiver<SumJob>, done: Sender<Result<u32, (u32, String)>>, waker:
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn server_window_is_partitions_with_a_floor_or_off() {
+        use super::{server_window, MIN_SERVER_WINDOW};
+        assert_eq!(server_window(0, 4 << 20), 0, "0 turns it off");
+        assert_eq!(server_window(3, 256 << 10), 768 << 10);
+        assert_eq!(server_window(3, 4 << 20), 12 << 20);
+        assert_eq!(server_window(3, 4096), MIN_SERVER_WINDOW);
+        assert_eq!(server_window(1 << 16, usize::MAX), u64::MAX, "saturates");
+    }
+
     use super::*;
     use bps_transport::NetConfig;
 

@@ -442,7 +442,7 @@ fn workers_disagreeing_on_min_chunks_are_refused() {
 }
 
 /// BPS_SERVER_CREDIT: over a network link a worker holds at most a window of chunks at one
-/// server without their sums back (here max(2 × 128 KiB, 1 MiB) = 1 MiB), parks the rest, and
+/// server without their sums back (here max(2 × 128 KiB, 512 KiB) = 512 KiB), parks the rest, and
 /// every result is still exact; with 0 nothing is parked.
 #[test]
 fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
@@ -482,8 +482,8 @@ fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
             let max = s.max_at_server.load(std::sync::atomic::Ordering::Relaxed);
             let parked = s.parked_chunks.load(std::sync::atomic::Ordering::Relaxed);
             if credit == "2" {
-                assert!(max > 0 && max <= 1 << 20, "window 1 MiB, held {max}");
-                assert!(parked > 0, "a 16 MiB tensor never filled a 1 MiB window");
+                assert!(max > 0 && max <= 512 << 10, "window 512 KiB, held {max}");
+                assert!(parked > 0, "a 16 MiB tensor never filled a 512 KiB window");
             } else {
                 assert_eq!((max, parked), (0, 0), "window off");
             }
