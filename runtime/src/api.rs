@@ -944,6 +944,7 @@ impl Bps {
             min_chunks_per_server: self.inner.cfg.min_chunks_per_server,
             credit_bytes: self.inner.cfg.credit_bytes,
             timeout: self.inner.cfg.timeout,
+            cache_user_memory: self.inner.cfg.rdma_cache_user_memory,
             server_link: match self.inner.cfg.transport {
                 Some(k) => k,
                 None if bps_transport::rdma::COMPILED

@@ -88,6 +88,11 @@ pub(crate) struct GpuHost {
     pub owned: Vec<bool>,
     /// Where answered chunks are announced.
     pub notify: Sender<GpuMsg>,
+    /// GPUDirect RDMA: the input (== output) is device memory registered as a dma-buf region
+    /// (this transport token, see `Command::RegisterDmabuf`): chunks are written from it and
+    /// answers into it by the NIC; the runtime neither registers nor touches its bytes (the
+    /// engine averages on the GPU). `None`: a pinned staging buffer.
+    pub region: Option<u64>,
 }
 
 /// Inputs of the GPU engine.
@@ -113,6 +118,20 @@ pub(crate) enum Command {
         op: u64,
         chunk: u32,
     },
+    /// GPUDirect RDMA: register `len` bytes at `offset` of the dma-buf `fd` (device memory,
+    /// addressed by `iova`) with the transport; the token, or why not, goes to `reply`.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    RegisterDmabuf {
+        fd: std::os::fd::OwnedFd,
+        offset: u64,
+        len: usize,
+        iova: u64,
+        reply: Sender<Result<u64, Error>>,
+    },
+    /// Drop a registration made by `RegisterDmabuf` (unknown tokens are ignored: a failed
+    /// operation's region was revoked already).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Deregister(u64),
 }
 
 struct SumJob {
@@ -755,6 +774,24 @@ impl Node {
             }
             Command::Sched(m) => self.on_sched(m),
             Command::Release { tensor, op, chunk } => self.release(tensor, op, chunk),
+            Command::RegisterDmabuf {
+                fd,
+                offset,
+                len,
+                iova,
+                reply,
+            } => {
+                use std::os::fd::AsFd;
+                // SAFETY: the GPU engine registers device memory of an operation it runs; the
+                // NIC writes into it only the answers of that operation's chunks (after their
+                // pushes left), and the region is revoked when the operation fails and dropped
+                // when it ends (unless BPS_RDMA_CACHE_USER_MEMORY=1).
+                let r = unsafe { self.net.register_dmabuf(fd.as_fd(), offset, len, iova) };
+                let _ = reply.send(r.map(|region| region.token).map_err(Error::from));
+            }
+            Command::Deregister(token) => {
+                let _ = self.net.deregister(token);
+            }
             Command::SchedLost(why) => {
                 if !self.terminated {
                     self.fail_all(Error::Peer {
@@ -980,7 +1017,11 @@ impl Node {
         let Some(req) = t.waiting.pop_front() else {
             return;
         };
-        let in_token = register_cached(&mut self.net, &mut w.cache, &self.stats, req.input);
+        let region = req.gpu.as_ref().and_then(|g| g.region);
+        let in_token = match region {
+            Some(tok) => Ok(tok),
+            None => register_cached(&mut self.net, &mut w.cache, &self.stats, req.input),
+        };
         let out_token = if req.output == req.input {
             in_token.clone()
         } else {
@@ -1130,10 +1171,7 @@ impl Node {
         let mut go = Vec::new();
         let servers: Vec<PeerId> = w.parked.keys().copied().collect();
         for server in servers {
-            loop {
-                let Some(&(t, c, seq)) = w.parked.get(&server).and_then(|q| q.front()) else {
-                    break;
-                };
+            while let Some(&(t, c, seq)) = w.parked.get(&server).and_then(|q| q.front()) {
                 let Some(a) = w
                     .tensors
                     .get(&t)
@@ -2080,7 +2118,8 @@ impl Node {
                 *u = u.saturating_sub(c.len as u64);
             }
         }
-        if let OpKind::Sum { average: true } = a.req.kind {
+        let device_memory = a.req.gpu.as_ref().is_some_and(|g| g.region.is_some());
+        if let (OpKind::Sum { average: true }, false) = (a.req.kind, device_memory) {
             // SAFETY: the server's answer for this chunk has fully arrived, no other write
             // targets this chunk of the output until the operation completes, and the API
             // caller may not touch the output before then.
@@ -2204,6 +2243,9 @@ impl Node {
                 if let Some(tok) = w.cache.remove(r.addr, r.len) {
                     let _ = self.net.deregister(tok);
                 }
+            }
+            if let Some(tok) = a.req.gpu.as_ref().and_then(|g| g.region) {
+                let _ = self.net.deregister(tok);
             }
             // Give back the credit of chunks that were counted in flight, and their room at
             // their servers (parked chunks of this operation are dropped when met).

@@ -455,9 +455,9 @@ fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
         ];
         job(2, 1, &extra, move |b| {
             let r = b.rank() as i32;
-            let n = 4 << 20; // 16 MiB of i32: 128 chunks at the one server
+            let n: i32 = 4 << 20; // 16 MiB of i32: 128 chunks at the one server
             for step in 0..3 {
-                let v: Vec<i32> = (0..n as i32).map(|i| (i % 977) * (r + 1) + step).collect();
+                let v: Vec<i32> = (0..n).map(|i| (i % 977) * (r + 1) + step).collect();
                 let out = b
                     .push_pull(
                         "win",

@@ -166,6 +166,8 @@ pub(crate) struct Shape {
     pub timeout: Duration,
     /// How this worker reaches the servers (for the GPUDirect decision).
     pub server_link: bps_transport::LinkKind,
+    /// Keep device memory registered between operations (BPS_RDMA_CACHE_USER_MEMORY=1).
+    pub cache_user_memory: bool,
 }
 
 impl Shape {
@@ -177,6 +179,36 @@ impl Shape {
             self.num_servers,
             self.min_chunks_per_server,
         )
+    }
+}
+
+/// Exports `len` bytes of device memory at `ptr` as a dma-buf and has the event loop register
+/// it with the transport (`Net::register_dmabuf`, addressed by the device pointer); the token.
+fn register_device_memory(
+    links: &Links,
+    timeout: Duration,
+    ptr: u64,
+    len: usize,
+) -> Result<u64, String> {
+    let span = super::dmabuf::page_span(ptr, len, super::dmabuf::page_size())?;
+    let fd = super::dmabuf::export_dmabuf(ptr, len)?;
+    let (reply, answer) = crossbeam_channel::bounded(1);
+    links
+        .cmds
+        .send(Command::RegisterDmabuf {
+            fd,
+            offset: span.offset,
+            len,
+            iova: ptr,
+            reply,
+        })
+        .map_err(|_| "the event loop stopped".to_string())?;
+    links.waker.wake();
+    match answer.recv_timeout(timeout) {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "the event loop did not register the dma-buf within {timeout:?}"
+        )),
     }
 }
 
@@ -336,6 +368,9 @@ struct OpState {
     owner: Vec<u32>,
     phase: Phase,
     staging: Option<RawSlice>,
+    /// GPUDirect RDMA: the caller's device buffer, registered as a dma-buf region (this
+    /// transport token); chunks go to the servers from it and come back into it, no copies.
+    region: Option<u64>,
     host: Option<Handle<Error>>,
     /// D2H copies in flight: (chunk, event).
     d2h: Vec<(u32, cu::CUevent)>,
@@ -384,6 +419,14 @@ struct Engine {
     host_cq: CompletionQueue<Error>,
     broken: Option<Error>,
     nodes: u32,
+    /// GPUDirect RDMA or staging for the links to the servers (`choose_route`).
+    route: bps_transport::rdma::gpudirect::Route,
+    /// Registered device buffers kept between operations (BPS_RDMA_CACHE_USER_MEMORY=1):
+    /// (device pointer, bytes) → transport token.
+    regions: HashMap<(u64, usize), u64>,
+    /// A communicator of this GPU alone: NCCL's pre-multiplying reduction scales a direct
+    /// buffer for an average when the host has one GPU (no host communicator).
+    solo: Option<nc::ncclComm_t>,
 }
 
 // SAFETY (for the raw CUDA handles held above): they are used only on the engine thread.
@@ -441,6 +484,11 @@ impl Engine {
             host_cq: CompletionQueue::new(false),
             broken: None,
             nodes,
+            route: bps_transport::rdma::gpudirect::Route::Staged {
+                reason: "one host: no servers to reach".into(),
+            },
+            regions: HashMap::new(),
+            solo: None,
             shape,
             links,
         })
@@ -534,7 +582,7 @@ impl Engine {
     }
 
     /// GPUDirect RDMA or staging for the servers' link, decided once and logged.
-    fn choose_route(&self) {
+    fn choose_route(&mut self) {
         if self.nodes <= 1 {
             return;
         }
@@ -547,15 +595,166 @@ impl Engine {
             Err(e) => bps_transport::rdma::gpudirect::Route::Staged { reason: e },
         };
         if route.is_direct() {
-            // The data path registers host memory only so far: GPUDirect needs a NIC that
-            // takes dma-buf registrations, which no machine of this project has.
             tracing::info!(
-                "GPU {}: GPUDirect RDMA possible, staged through pinned host memory (device-memory registration is not in the data path yet)",
+                "GPU {}: GPUDirect RDMA: sums go to the servers straight from device memory (registered as dma-bufs), staged only where a registration fails",
                 self.device
             );
         } else {
             tracing::info!("GPU {}: {route}", self.device);
         }
+        self.route = route;
+    }
+
+    /// The transport token of `buf` registered for GPUDirect RDMA, or `None` when this
+    /// operation is staged: the route says so, the operation cannot go direct
+    /// ([`super::dmabuf::direct_eligible`]), or a registration failed (then every later one
+    /// is staged too, said once: [`super::dmabuf::direct_or_staged`]).
+    fn direct_region(&mut self, buf: &DeviceBuf, sum: bool, average: bool) -> Option<u64> {
+        if !self.route.is_direct() {
+            return None;
+        }
+        if let Err(why) =
+            super::dmabuf::direct_eligible(buf.dtype, sum, average, self.shape.num_workers)
+        {
+            tracing::debug!("GPU {}: {why}", self.device);
+            return None;
+        }
+        if let Some(t) = self.regions.get(&(buf.ptr, buf.bytes)) {
+            return Some(*t);
+        }
+        let (links, timeout) = (&self.links, self.shape.timeout);
+        let path = super::dmabuf::direct_or_staged(self.device, &self.route, || {
+            register_device_memory(links, timeout, buf.ptr, buf.bytes)
+        });
+        match path {
+            super::dmabuf::GpuPath::Direct(token) => {
+                if self.shape.cache_user_memory {
+                    self.regions.insert((buf.ptr, buf.bytes), token);
+                }
+                Some(token)
+            }
+            super::dmabuf::GpuPath::Staged { .. } => None,
+        }
+    }
+
+    /// An operation is over with its registered buffer: drop the registration unless it is
+    /// kept (BPS_RDMA_CACHE_USER_MEMORY=1); `revoked`: the runtime dropped it already (a failed
+    /// host part), forget it.
+    fn release_region(&mut self, token: u64, revoked: bool) {
+        let kept = self.regions.values().any(|t| *t == token);
+        if revoked {
+            self.regions.retain(|_, t| *t != token);
+        }
+        if revoked || !kept {
+            let _ = self.links.cmds.send(Command::Deregister(token));
+            self.links.waker.wake();
+        }
+    }
+
+    /// Average of a direct buffer: NCCL's pre-multiplying sum, each GPU's part times
+    /// 1 / workers, reduced in place to `root` of `comm` (with a communicator of one GPU: a
+    /// scaling in place).
+    #[allow(clippy::too_many_arguments)]
+    fn premul_reduce(
+        &self,
+        ptr: u64,
+        count: usize,
+        dtype: DType,
+        root: i32,
+        comm: nc::ncclComm_t,
+    ) -> Result<(), String> {
+        let mut scalar = super::dmabuf::premul_scalar(dtype, self.shape.num_workers)
+            .ok_or_else(|| format!("no GPU average for {dtype}"))?;
+        // cudarc declares NCCL's reduction operator as a Rust enum, which cannot hold the
+        // operator numbers `ncclRedOpCreatePreMulSum` hands out: these three are called
+        // through their C signatures, the operator as the C `int` it is.
+        type Create = unsafe extern "C" fn(
+            *mut std::ffi::c_int,
+            *mut c_void,
+            nc::ncclDataType_t,
+            nc::ncclScalarResidence_t,
+            nc::ncclComm_t,
+        ) -> nc::ncclResult_t;
+        type Reduce = unsafe extern "C" fn(
+            *const c_void,
+            *mut c_void,
+            usize,
+            nc::ncclDataType_t,
+            std::ffi::c_int,
+            std::ffi::c_int,
+            nc::ncclComm_t,
+            nc::cudaStream_t,
+        ) -> nc::ncclResult_t;
+        type Destroy = unsafe extern "C" fn(std::ffi::c_int, nc::ncclComm_t) -> nc::ncclResult_t;
+        // SAFETY: NCCL was loaded when the engine started (cudarc's loader, which panics
+        // otherwise, has run); the symbols are looked up with their C signatures (nccl.h).
+        let (create, reduce, destroy) = unsafe {
+            let lib = nc::culib();
+            let f = |name: &[u8]| {
+                format!(
+                    "{} not in this NCCL (PreMulSum needs NCCL 2.11 or later)",
+                    String::from_utf8_lossy(name)
+                )
+            };
+            (
+                *lib.get::<Create>(b"ncclRedOpCreatePreMulSum")
+                    .map_err(|_| f(b"ncclRedOpCreatePreMulSum"))?,
+                *lib.get::<Reduce>(b"ncclReduce")
+                    .map_err(|_| f(b"ncclReduce"))?,
+                *lib.get::<Destroy>(b"ncclRedOpDestroy")
+                    .map_err(|_| f(b"ncclRedOpDestroy"))?,
+            )
+        };
+        let mut op: std::ffi::c_int = 0;
+        nccl_check(
+            // SAFETY: `scalar` holds one element of `dtype`, read at once (host immediate);
+            // `op` is a valid out-pointer; our communicator.
+            unsafe {
+                create(
+                    &mut op,
+                    scalar.as_mut_ptr().cast(),
+                    nccl_type(dtype),
+                    nc::ncclScalarResidence_t::ncclScalarHostImmediate,
+                    comm,
+                )
+            },
+            "ncclRedOpCreatePreMulSum",
+        )?;
+        let p = ptr as *mut c_void;
+        // SAFETY: `count` elements of device memory of the caller's buffer, in place; the
+        // operator was created on this communicator just above.
+        let r = unsafe {
+            reduce(
+                p,
+                p,
+                count,
+                nccl_type(dtype),
+                op,
+                root,
+                comm,
+                self.s_nccl as nc::cudaStream_t,
+            )
+        };
+        // SAFETY: NCCL allows destroying an operator once the calls using it were enqueued.
+        let d = unsafe { destroy(op, comm) };
+        nccl_check(r, "ncclReduce (PreMulSum)")?;
+        nccl_check(d, "ncclRedOpDestroy")
+    }
+
+    /// The communicator of this GPU alone (made once).
+    fn solo_comm(&mut self) -> Result<nc::ncclComm_t, String> {
+        if let Some(c) = self.solo {
+            return Ok(c);
+        }
+        let mut c: nc::ncclComm_t = std::ptr::null_mut();
+        let dev = [self.device];
+        nccl_check(
+            // SAFETY: valid out-pointer and a list of one device ordinal.
+            unsafe { nc::ncclCommInitAll(&mut c, 1, dev.as_ptr()) },
+            "ncclCommInitAll",
+        )?;
+        self.solo = Some(c);
+        Ok(c)
     }
 
     fn run(&mut self) {
@@ -620,8 +819,8 @@ impl Engine {
         for (_, ev) in std::mem::take(&mut self.pre_user) {
             self.events.push(ev);
         }
-        if let Some(c) = self.comm.take() {
-            // SAFETY: our communicator; abort does not wait for other ranks.
+        for c in [self.comm.take(), self.solo.take()].into_iter().flatten() {
+            // SAFETY: our communicators; abort does not wait for other ranks.
             unsafe {
                 nc::ncclCommAbort(c);
             }
@@ -775,6 +974,10 @@ impl Engine {
             }
             if let Some(ev) = self.pre_user.remove(&id) {
                 self.events.push(ev);
+            }
+            if let Some(t) = o.region {
+                // Revoked: a late answer must not land in memory the caller gets back now.
+                self.release_region(t, true);
             }
             let tensor = o.op.tensor;
             o.op.completer.complete(Err(err));
@@ -932,6 +1135,7 @@ impl Engine {
                 owner,
                 phase: Phase::WaitGo0,
                 staging: None,
+                region: None,
                 host: None,
                 d2h: Vec::new(),
                 h2d_left: 0,
@@ -1035,14 +1239,40 @@ impl Engine {
         if let OpKind::Broadcast { .. } = kind {
             return self.broadcast_across_hosts(id, user);
         }
+        // GPUDirect RDMA: the buffer itself is registered and goes to the servers, else a
+        // pinned staging buffer does.
+        let average = matches!(kind, OpKind::Sum { average: true });
+        let region = self.direct_region(&buf, true, average);
+        if let Some(o) = self.ops.get_mut(&id) {
+            o.region = region; // released by `fail` from here on
+        }
+        let staging = match region {
+            Some(_) => None,
+            None => Some(self.pool.get(buf.bytes)?),
+        };
+        // A direct buffer is averaged on the GPU (the runtime does not touch it): each GPU's
+        // part is pre-multiplied by 1 / workers in the local reduction.
+        let premul = region.is_some() && average;
         // LOCAL_REDUCE: each chunk to its owner.
         let esz = buf.dtype.size();
-        let staging = self.pool.get(buf.bytes)?;
         if l > 1 {
             let comm = self.comm.ok_or("no NCCL communicator")?;
             self.wait(self.s_nccl, user)?;
             let mut reduced = Vec::new();
             for (c, ow) in chunks.iter().zip(&owner) {
+                if premul {
+                    self.premul_reduce(
+                        buf.ptr + c.offset as u64,
+                        c.len / esz,
+                        buf.dtype,
+                        *ow as i32,
+                        comm,
+                    )?;
+                    if *ow == me {
+                        reduced.push((c.index.0, self.record(self.s_nccl)?));
+                    }
+                    continue;
+                }
                 let cp = (buf.ptr + c.offset as u64) as *mut c_void;
                 // SAFETY: the chunk lies inside the caller's device buffer; in place.
                 let r = unsafe {
@@ -1072,10 +1302,20 @@ impl Engine {
                 self.d2h_wait.insert((id, ci), ev);
             }
         } else {
+            let user = if premul {
+                // One GPU on the host: scale the whole buffer in place first.
+                let solo = self.solo_comm()?;
+                self.wait(self.s_nccl, user)?;
+                self.premul_reduce(buf.ptr, count, buf.dtype, 0, solo)?;
+                self.events.push(user);
+                self.record(self.s_nccl)?
+            } else {
+                user
+            };
             for c in &chunks {
                 self.stage_out
                     .push((id, c.index.0), Priority(self.prio(id)), c.len as u64);
-                // Every D2H copy waits for the caller's stream.
+                // Every D2H copy (or direct release) waits for the caller's stream.
                 self.d2h_wait.insert((id, c.index.0), user);
             }
             self.keep_user_event.insert(id, user);
@@ -1084,30 +1324,31 @@ impl Engine {
         let n_owned = owned.iter().filter(|x| **x).count();
         let (handle, completer) = self.host_cq.register(id);
         let o = self.ops.get_mut(&id).expect("checked");
-        o.staging = Some(staging);
+        o.staging = staging;
         o.h2d_left = n_owned;
         o.phase = Phase::Network;
-        let average = matches!(o.op.kind, OpKind::Sum { average: true });
+        let io = RawSlice {
+            addr: staging.map_or(buf.ptr as usize, |s| s.addr),
+            len: buf.bytes,
+        };
         let req = OpRequest {
             tensor: o.op.tensor,
             name: o.op.name.clone(),
             dtype: buf.dtype,
             bytes: buf.bytes,
-            input: RawSlice {
-                addr: staging.addr,
-                len: buf.bytes,
+            input: io,
+            output: io,
+            // A direct buffer was averaged on the GPU already.
+            kind: OpKind::Sum {
+                average: average && !premul,
             },
-            output: RawSlice {
-                addr: staging.addr,
-                len: buf.bytes,
-            },
-            kind: OpKind::Sum { average },
             priority: o.op.priority,
             completer,
             gpu: Some(GpuHost {
                 op: id,
                 owned,
                 notify: self.links.inbox_tx.clone(),
+                region,
             }),
         };
         o.host = Some(handle);
@@ -1195,6 +1436,16 @@ impl Engine {
                 return Ok(());
             };
             let buf = o.op.buf;
+            if o.region.is_some() {
+                // GPUDirect RDMA: the NIC wrote the sum into the device buffer already.
+                let o = self.ops.get_mut(&id).expect("checked");
+                o.h2d_left = o.h2d_left.saturating_sub(1);
+                o.deadline = Instant::now() + self.shape.timeout;
+                if o.h2d_left == 0 {
+                    self.after_network(id)?;
+                }
+                return Ok(());
+            }
             let staging = o.staging.ok_or("no staging buffer")?;
             // STAGE_IN of this chunk, while other chunks are still on the wire.
             check(
@@ -1323,13 +1574,20 @@ impl Engine {
         };
         let c = o.chunks[ci as usize];
         let buf = o.op.buf;
-        let staging = o.staging.ok_or("no staging buffer")?;
+        let (staging, direct) = (o.staging, o.region.is_some());
         if let Some(ev) = wait_on {
             self.wait(self.s_d2h, ev)?;
             if self.shape.local_size.max(1) > 1 {
                 self.events.push(ev);
             }
         }
+        if direct {
+            // GPUDirect RDMA: no copy; the chunk goes once its reduction is done.
+            let e = self.record(self.s_d2h)?;
+            self.ops.get_mut(&id).expect("checked").d2h.push((ci, e));
+            return Ok(());
+        }
+        let staging = staging.ok_or("no staging buffer")?;
         check(
             // SAFETY: the chunk lies inside both the device buffer and the pinned buffer.
             unsafe {
@@ -1430,6 +1688,9 @@ impl Engine {
                     self.events.push(ev);
                     if let Some(s) = o.staging {
                         self.pool.put(s);
+                    }
+                    if let Some(t) = o.region {
+                        self.release_region(t, false);
                     }
                     let tensor = o.op.tensor;
                     o.op.completer.complete(Ok(()));

@@ -302,6 +302,43 @@ impl DmabufFallback {
 /// The fallback of this process (see [`DmabufFallback`]).
 static FALLBACK: DmabufFallback = DmabufFallback::new();
 
+/// The factor an average over `workers` workers pre-multiplies each GPU's part by (NCCL's
+/// `PreMulSum`, as NCCL's own `ncclAvg` does for floating types), as the bytes of one `dtype`
+/// element; `None` for integer types, whose average is an integer division of the sum that only
+/// the staged path (the runtime, on the host) does. Direct buffers are never touched by the
+/// CPU, so their average is taken on the GPU, before the push.
+pub fn premul_scalar(dtype: crate::dtype::DType, workers: u32) -> Option<Vec<u8>> {
+    use crate::dtype::DType;
+    let f = 1.0 / f64::from(workers.max(1));
+    Some(match dtype {
+        DType::F32 => (f as f32).to_ne_bytes().to_vec(),
+        DType::F64 => f.to_ne_bytes().to_vec(),
+        DType::F16 => half::f16::from_f64(f).to_bits().to_ne_bytes().to_vec(),
+        DType::BF16 => half::bf16::from_f64(f).to_bits().to_ne_bytes().to_vec(),
+        DType::I32 | DType::I64 | DType::U8 => return None,
+    })
+}
+
+/// Whether one operation's buffer may go direct, given that the route allows GPUDirect: a sum
+/// of a floating type, or of any type without averaging. A broadcast across hosts and an
+/// integer average are staged (the reason is returned).
+pub fn direct_eligible(
+    dtype: crate::dtype::DType,
+    sum: bool,
+    average: bool,
+    workers: u32,
+) -> Result<(), String> {
+    if !sum {
+        return Err("a broadcast across hosts is staged".into());
+    }
+    if average && premul_scalar(dtype, workers).is_none() {
+        return Err(format!(
+            "an average of {dtype} is an integer division the GPU path does not do: staged"
+        ));
+    }
+    Ok(())
+}
+
 /// [`DmabufFallback::choose`] with the process's fallback: what the GPU engine calls per buffer
 /// once `select_route` decided the route of its server links, with `register` exporting the
 /// buffer ([`export_dmabuf`]) and registering it with the transport (`Net::register_dmabuf`).
@@ -341,6 +378,48 @@ mod tests {
         tracing::subscriber::with_default(sub, f);
         let text = String::from_utf8(sink.0.lock().expect("sink").clone()).expect("utf-8");
         text.lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn premul_scalars_are_one_over_the_workers_in_the_element_type() {
+        use crate::dtype::DType;
+        let f32v = premul_scalar(DType::F32, 4).expect("f32");
+        assert_eq!(f32::from_ne_bytes(f32v.try_into().expect("4 bytes")), 0.25);
+        let f64v = premul_scalar(DType::F64, 3).expect("f64");
+        assert_eq!(
+            f64::from_ne_bytes(f64v.try_into().expect("8 bytes")),
+            1.0 / 3.0
+        );
+        let h = premul_scalar(DType::F16, 8).expect("f16");
+        let h = half::f16::from_bits(u16::from_ne_bytes(h.try_into().expect("2 bytes")));
+        assert_eq!(h.to_f32(), 0.125);
+        let b = premul_scalar(DType::BF16, 2).expect("bf16");
+        let b = half::bf16::from_bits(u16::from_ne_bytes(b.try_into().expect("2 bytes")));
+        assert_eq!(b.to_f32(), 0.5);
+        for t in [DType::I32, DType::I64, DType::U8] {
+            assert_eq!(premul_scalar(t, 4), None, "{t}");
+        }
+        assert_eq!(
+            f32::from_ne_bytes(
+                premul_scalar(DType::F32, 0)
+                    .expect("f32")
+                    .try_into()
+                    .expect("4")
+            ),
+            1.0,
+            "no division by zero"
+        );
+    }
+
+    #[test]
+    fn direct_only_for_sums_a_gpu_can_average() {
+        use crate::dtype::DType;
+        assert!(direct_eligible(DType::F32, true, true, 4).is_ok());
+        assert!(direct_eligible(DType::I32, true, false, 4).is_ok());
+        let e = direct_eligible(DType::I32, true, true, 4).unwrap_err();
+        assert!(e.contains("i32") && e.contains("staged"), "{e}");
+        let e = direct_eligible(DType::F16, false, false, 4).unwrap_err();
+        assert!(e.contains("broadcast"), "{e}");
     }
 
     fn staged(reason: &str) -> Route {
