@@ -1081,3 +1081,138 @@ impl Drop for Inner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The host part of a GPUDirect RDMA operation: the buffer comes registered (a region
+    /// token), so the runtime pushes the released chunks from it and the servers' answers land
+    /// in it; it registers nothing itself, leaves an average to the GPU (no division), announces
+    /// every chunk, and a failed operation revokes the region. Host memory stands in for device
+    /// memory (the transport treats both as a token), over tcp.
+    #[test]
+    fn a_registered_gpu_region_is_pushed_from_and_answered_into_as_is() {
+        use crate::config::Lookup;
+        use crate::dtype::DType;
+        use crate::mem::RawSlice;
+        use crate::node::{Command, GpuHost, GpuMsg, OpKind, OpRequest};
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering::Relaxed;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let cfg = move |role: &str, rank: Option<u32>| {
+            let mut m: HashMap<String, String> = [
+                ("DMLC_ROLE", role.to_string()),
+                ("DMLC_NUM_WORKER", "2".into()),
+                ("BPS_NUM_WORKER", "2".into()),
+                ("DMLC_NUM_SERVER", "1".into()),
+                ("DMLC_PS_ROOT_URI", "127.0.0.1".into()),
+                ("DMLC_PS_ROOT_PORT", port.to_string()),
+                ("BPS_TIMEOUT", "20s".into()),
+                ("BPS_TRANSPORT", "tcp".into()),
+                ("BYTEPS_PARTITION_BYTES", "65536".into()),
+                ("BPS_MIN_CHUNKS_PER_SERVER", "0".into()),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+            if let Some(r) = rank {
+                m.insert("BPS_RANK".into(), r.to_string());
+                m.insert(
+                    "BPS_EMBED_SCHEDULER".into(),
+                    if r == 0 { "1" } else { "0" }.into(),
+                );
+            } else {
+                m.insert("BPS_EMBED_SCHEDULER".into(), "0".into());
+            }
+            let c = crate::config::Config::from_lookup(&Lookup::map(&m)).expect("config");
+            c
+        };
+        let server = {
+            let c = cfg("server", None);
+            std::thread::spawn(move || run_server(c).expect("server"))
+        };
+        let worker = |rank: u32| {
+            let c = cfg("worker", Some(rank));
+            std::thread::spawn(move || {
+                let b = Bps::init_with(c).expect("worker");
+                let n = 1 << 16; // 256 KiB of f32: 4 chunks of 64 KiB
+                let mut buf: Vec<f32> = (0..n)
+                    .map(|i| (i % 100) as f32 * (rank + 1) as f32)
+                    .collect();
+                let raw = RawSlice {
+                    addr: buf.as_mut_ptr() as usize,
+                    len: n * 4,
+                };
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                b.inner
+                    .cmds
+                    .send(Command::RegisterHost { raw, reply: tx })
+                    .expect("send");
+                b.inner.waker.wake();
+                let token = rx.recv().expect("reply").expect("register");
+                let regs = b.stats().registrations.load(Relaxed);
+                let run = |op: u64, chunks: u32, average: bool| {
+                    let tensor = b.declare("dev").expect("declare");
+                    let (handle, completer) = b.inner.cq.register(1000 + op);
+                    let (ntx, nrx) = crossbeam_channel::unbounded();
+                    let req = OpRequest {
+                        tensor,
+                        name: "dev".into(),
+                        dtype: DType::F32,
+                        bytes: raw.len,
+                        input: raw,
+                        output: raw,
+                        kind: OpKind::Sum { average },
+                        priority: 0,
+                        completer,
+                        gpu: Some(GpuHost {
+                            op,
+                            owned: vec![true; 4],
+                            notify: ntx,
+                            region: Some(token),
+                        }),
+                    };
+                    b.inner.cmds.send(Command::Op(req)).expect("op");
+                    for chunk in 0..chunks {
+                        b.inner
+                            .cmds
+                            .send(Command::Release { tensor, op, chunk })
+                            .expect("release");
+                    }
+                    b.inner.waker.wake();
+                    (handle, nrx)
+                };
+                // Average asked: the runtime must not divide a region (the GPU did).
+                let (h, notes) = run(1, 4, true);
+                b.wait(&h).expect("push_pull from the region");
+                let mut done: Vec<u32> = notes
+                    .try_iter()
+                    .map(|m| match m {
+                        GpuMsg::ChunkDone { op: 1, chunk } => chunk,
+                        _ => u32::MAX,
+                    })
+                    .collect();
+                done.sort_unstable();
+                assert_eq!(done, vec![0, 1, 2, 3], "every chunk announced");
+                for (i, x) in buf.iter().enumerate() {
+                    assert_eq!(*x, (i % 100) as f32 * 3.0, "i {i}: the sum, not divided");
+                }
+                assert_eq!(
+                    b.stats().registrations.load(Relaxed),
+                    regs,
+                    "nothing registered"
+                );
+                b.barrier().expect("barrier");
+                b.shutdown().expect("shutdown");
+            })
+        };
+        let (w0, w1) = (worker(0), worker(1));
+        w0.join().expect("worker 0");
+        w1.join().expect("worker 1");
+        server.join().expect("server");
+    }
+}

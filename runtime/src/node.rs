@@ -132,6 +132,13 @@ pub(crate) enum Command {
     /// operation's region was revoked already).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     Deregister(u64),
+    /// Tests: register host memory as a GPU engine registers device memory (a region the
+    /// runtime is handed, not one it caches).
+    #[cfg(test)]
+    RegisterHost {
+        raw: RawSlice,
+        reply: Sender<Result<u64, Error>>,
+    },
 }
 
 struct SumJob {
@@ -791,6 +798,12 @@ impl Node {
             }
             Command::Deregister(token) => {
                 let _ = self.net.deregister(token);
+            }
+            #[cfg(test)]
+            Command::RegisterHost { raw, reply } => {
+                // SAFETY: the test keeps the memory alive and untouched until it deregisters.
+                let r = unsafe { crate::mem::register(&mut self.net, raw) };
+                let _ = reply.send(r.map(|region| region.token).map_err(Error::from));
             }
             Command::SchedLost(why) => {
                 if !self.terminated {
