@@ -234,11 +234,16 @@ struct Worker {
     barriers: HashMap<u64, Completer<Error>>,
     /// Bytes pushed to each server (or host aggregator) whose sums have not come back.
     at_server: HashMap<PeerId, u64>,
+    /// Per server: the priorities of the chunks counted in `at_server` (priority → chunks).
+    at_server_prio: HashMap<PeerId, std::collections::BTreeMap<i32, u32>>,
     /// Chunks let go by the credit queue but held back because their server's window was
     /// full, per server in the order the queue gave them: (tensor, chunk, operation seq).
     parked: HashMap<PeerId, VecDeque<(u32, u32, u64)>>,
     /// Operations started so far (numbers `Active::seq`).
     ops_started: u64,
+    /// Per server: when it last answered one of this worker's chunks (or its window last
+    /// filled), and the smoothed gap between its answers (see `unpark`).
+    answered: HashMap<PeerId, (Instant, Duration)>,
 }
 
 // ---------------------------------------------------------------- server state
@@ -411,6 +416,9 @@ pub struct Stats {
     pub max_at_server: std::sync::atomic::AtomicU64,
     /// Chunks this worker held back because their server's window was full.
     pub parked_chunks: std::sync::atomic::AtomicU64,
+    /// Times a server's window was overridden because the server stopped answering while
+    /// chunks were parked (workers pushing in different orders).
+    pub window_stalls: std::sync::atomic::AtomicU64,
     /// Whether chunks are reduced inside host groups first (sums then add up group by group).
     pub local_reduce: std::sync::atomic::AtomicBool,
     /// Link kind of each connected peer (by transport id).
@@ -448,6 +456,62 @@ fn register_cached(
     Ok(region.token)
 }
 
+/// Count a chunk of `len` bytes and priority `prio` against `server`'s window.
+fn window_add(w: &mut Worker, stats: &Stats, server: PeerId, len: u64, prio: i32) {
+    let used = w.at_server.entry(server).or_insert(0);
+    *used += len;
+    stats.max_at_server.fetch_max(*used, Ordering::Relaxed);
+    *w.at_server_prio
+        .entry(server)
+        .or_default()
+        .entry(prio)
+        .or_insert(0) += 1;
+}
+
+/// A chunk counted by [`window_add`] was answered, or its operation failed.
+fn window_remove(
+    at_server: &mut HashMap<PeerId, u64>,
+    at_server_prio: &mut HashMap<PeerId, std::collections::BTreeMap<i32, u32>>,
+    server: PeerId,
+    len: u64,
+    prio: i32,
+) {
+    if let Some(u) = at_server.get_mut(&server) {
+        *u = u.saturating_sub(len);
+    }
+    if let Some(m) = at_server_prio.get_mut(&server) {
+        if let Some(n) = m.get_mut(&prio) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&prio);
+            }
+        }
+    }
+}
+
+/// Whether `len` more bytes fit `server`'s window (one that holds nothing always has room).
+/// A chunk more urgent than everything in the window goes anyway ([`window_urgent`]): that
+/// keeps workers that pushed different tensors first (one had submitted a more urgent tensor
+/// the other had not yet) from waiting on each other: the urgent tensor passes, its rounds
+/// complete, and the windows drain.
+fn window_room(w: &Worker, server: PeerId, len: u64, window: u64) -> bool {
+    let used = w.at_server.get(&server).copied().unwrap_or(0);
+    used == 0 || used + len <= window
+}
+
+/// Whether a chunk of priority `prio` is more urgent than every chunk in `server`'s window (an
+/// empty window counts as room instead).
+fn window_urgent(w: &Worker, server: PeerId, prio: i32) -> bool {
+    w.at_server_prio
+        .get(&server)
+        .and_then(|m| m.keys().next_back())
+        .is_some_and(|top| prio > *top)
+}
+
+/// A server that has not answered a worker with a full window for this long (or four of its
+/// usual gaps between answers, if longer) lets that worker's parked chunks go (see `unpark`).
+const MIN_SERVER_STALL: Duration = Duration::from_millis(50);
+
 /// The least window a server gets (unless the window is off), so that tiny fixed partitions
 /// (`BYTEPS_PARTITION_BYTES` of a few KiB) still keep a link busy. On the emulated 1 Gbit/s
 /// cluster 768 KiB windows beat 1 MiB ones (`docs/cluster.md`); over loopback tcp 512 KiB and
@@ -472,20 +536,25 @@ fn server_window(credit: u32, partition_bytes: usize) -> u64 {
 /// chunk larger than the window still moves. Servers on this host (shm, loopback) have no
 /// window: no network link is shared there.
 fn admit_to_server(w: &mut Worker, net: &Net, stats: &Stats, t: u32, c: u32) -> bool {
-    let Some(x) = w.tensors.get_mut(&t) else {
+    let ci = c as usize;
+    let Some(x) = w.tensors.get(&t) else {
         return true;
     };
-    let ci = c as usize;
-    if x.server_window == 0 {
+    // GPU chunks are released in the order their copies finish, which differs between
+    // workers: a window would mostly wait for the stall rule.
+    if x.server_window == 0 || x.gpu {
         return true;
     }
-    let (Some(k), Some(ch)) = (x.keys.get(ci), x.chunks.get(ci)) else {
+    let (Some(k), Some(ch), Some(a)) = (x.keys.get(ci), x.chunks.get(ci), x.active.as_ref()) else {
         return true;
     };
-    let Some(a) = x.active.as_mut() else {
-        return true;
-    };
-    let (server, len) = (k.server, ch.len as u64);
+    let (server, len, prio, seq, window) = (
+        k.server,
+        ch.len as u64,
+        a.req.priority,
+        a.seq,
+        x.server_window,
+    );
     if matches!(
         net.link_kind(server),
         Some(LinkKind::Shm | LinkKind::Loopback)
@@ -493,15 +562,25 @@ fn admit_to_server(w: &mut Worker, net: &Net, stats: &Stats, t: u32, c: u32) -> 
         return true;
     }
     let queued = w.parked.get(&server).is_some_and(|q| !q.is_empty());
-    let used = w.at_server.entry(server).or_insert(0);
-    if queued || (*used > 0 && *used + len > x.server_window) {
-        w.parked.entry(server).or_default().push_back((t, c, a.seq));
+    let urgent = window_urgent(w, server, prio);
+    if !(urgent || (!queued && window_room(w, server, len, window))) {
+        if !queued {
+            // The window just filled: the stall clock of this server starts now (an older
+            // last answer is from before this worker had anything there).
+            let e = w
+                .answered
+                .entry(server)
+                .or_insert((Instant::now(), Duration::ZERO));
+            e.0 = Instant::now();
+        }
+        w.parked.entry(server).or_default().push_back((t, c, seq));
         stats.parked_chunks.fetch_add(1, Ordering::Relaxed);
         return false;
     }
-    *used += len;
-    stats.max_at_server.fetch_max(*used, Ordering::Relaxed);
-    a.at_server[ci] = true;
+    if let Some(a) = w.tensors.get_mut(&t).and_then(|x| x.active.as_mut()) {
+        a.at_server[ci] = true;
+    }
+    window_add(w, stats, server, len, prio);
     true
 }
 
@@ -557,8 +636,10 @@ impl Node {
             cache: RegistrationCache::new(1 << 16, 64 << 30),
             barriers: HashMap::new(),
             at_server: HashMap::new(),
+            at_server_prio: HashMap::new(),
             parked: HashMap::new(),
             ops_started: 0,
+            answered: HashMap::new(),
         });
         let server = serves.then(|| Server::new(&cfg, waker.clone()));
         // Local reduction needs whole host groups that really share a host (shm between them).
@@ -735,6 +816,10 @@ impl Node {
         if let Some(w) = &self.worker {
             if !w.retry.is_empty() {
                 return Duration::ZERO;
+            }
+            if !w.parked.is_empty() {
+                // Parked chunks: check for a stalled server now and then (see `unpark`).
+                t = t.min(MIN_SERVER_STALL / 4);
             }
             let now = Instant::now();
             for tensor in w.tensors.values() {
@@ -1183,7 +1268,26 @@ impl Node {
         }
         let mut go = Vec::new();
         let servers: Vec<PeerId> = w.parked.keys().copied().collect();
+        let now = Instant::now();
         for server in servers {
+            // Workers may push in different orders (tensors submitted in another order, GPU
+            // chunks released as their copies finish): each can fill its window at a server
+            // with chunks whose rounds wait for the others' parked ones. A server that has not
+            // answered this worker for a while (several of its usual gaps) is taken to be in
+            // that state, and its parked chunks all go.
+            let stalled = w.answered.get(&server).is_some_and(|(at, gap)| {
+                now.duration_since(*at) > (*gap * 8).max(MIN_SERVER_STALL)
+            });
+            if stalled {
+                tracing::debug!(
+                    "server window of peer {server}: no answer for a while, letting {} parked chunks go",
+                    w.parked.get(&server).map_or(0, VecDeque::len)
+                );
+                self.stats.window_stalls.fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = w.answered.get_mut(&server) {
+                    e.0 = now;
+                }
+            }
             while let Some(&(t, c, seq)) = w.parked.get(&server).and_then(|q| q.front()) {
                 let Some(a) = w
                     .tensors
@@ -1200,18 +1304,19 @@ impl Node {
                     w.parked.get_mut(&server).map(|q| q.pop_front());
                     continue;
                 }
-                let len = x.chunks[ci].len as u64;
-                let used = w.at_server.get(&server).copied().unwrap_or(0);
-                if used > 0 && used + len > x.server_window {
+                let (len, prio, window) =
+                    (x.chunks[ci].len as u64, a.req.priority, x.server_window);
+                if !stalled
+                    && !window_urgent(w, server, prio)
+                    && !window_room(w, server, len, window)
+                {
                     break;
                 }
                 w.parked.get_mut(&server).map(|q| q.pop_front());
-                let used = w.at_server.entry(server).or_insert(0);
-                *used += len;
-                self.stats.max_at_server.fetch_max(*used, Ordering::Relaxed);
                 if let Some(a) = w.tensors.get_mut(&t).and_then(|x| x.active.as_mut()) {
                     a.at_server[ci] = true;
                 }
+                window_add(w, &self.stats, server, len, prio);
                 go.push((t, c));
             }
         }
@@ -2127,9 +2232,24 @@ impl Node {
         }
         a.chunks[ci] = ChunkSt::Done;
         if std::mem::take(&mut a.at_server[ci]) {
-            if let Some(u) = w.at_server.get_mut(&peer) {
-                *u = u.saturating_sub(c.len as u64);
-            }
+            let prio = a.req.priority;
+            window_remove(
+                &mut w.at_server,
+                &mut w.at_server_prio,
+                peer,
+                c.len as u64,
+                prio,
+            );
+            let now = Instant::now();
+            let e = w.answered.entry(peer).or_insert((now, Duration::ZERO));
+            let gap = now.duration_since(e.0);
+            // Smoothed, and only over gaps while the window is in use (not idle time).
+            e.1 = if e.1.is_zero() {
+                gap
+            } else {
+                (e.1 * 7 + gap) / 8
+            };
+            e.0 = now;
         }
         let device_memory = a.req.gpu.as_ref().is_some_and(|g| g.region.is_some());
         if let (OpKind::Sum { average: true }, false) = (a.req.kind, device_memory) {
@@ -2269,9 +2389,14 @@ impl Node {
             }
             for (i, held) in a.at_server.iter().enumerate() {
                 if *held {
-                    if let Some(u) = w.at_server.get_mut(&t.keys[i].server) {
-                        *u = u.saturating_sub(t.chunks[i].len as u64);
-                    }
+                    let (server, len) = (t.keys[i].server, t.chunks[i].len as u64);
+                    window_remove(
+                        &mut w.at_server,
+                        &mut w.at_server_prio,
+                        server,
+                        len,
+                        a.req.priority,
+                    );
                 }
             }
             a.req.completer.complete(Err(err.clone()));
@@ -2310,6 +2435,8 @@ impl Node {
             w.retry.clear();
             w.parked.clear();
             w.at_server.clear();
+            w.at_server_prio.clear();
+            w.answered.clear();
             for (_, c) in w.barriers.drain() {
                 c.complete(Err(err.clone()));
             }

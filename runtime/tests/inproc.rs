@@ -490,3 +490,55 @@ fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
         });
     }
 }
+
+/// Workers that submit tensors in different orders fill their windows at the server with
+/// different chunks, whose rounds each wait for the other worker's parked ones: the server
+/// stops answering, the stall rule lets the parked chunks go, and every operation completes
+/// with the exact sum (without it: no answer until BPS_TIMEOUT, a failure).
+#[test]
+fn opposite_submission_orders_do_not_deadlock_the_server_window() {
+    let extra = [
+        ("BPS_TRANSPORT", "tcp"),
+        ("BYTEPS_PARTITION_BYTES", "131072"),
+        ("BPS_MIN_CHUNKS_PER_SERVER", "0"),
+        ("BPS_SERVER_CREDIT", "1"),
+        ("BPS_TIMEOUT", "8s"),
+    ];
+    job(2, 1, &extra, |b| {
+        let r = b.rank() as i32;
+        let n = 1 << 20; // 4 MiB of i32 each: 32 chunks, windows of 512 KiB
+                         // Declared in one order (as every job must), submitted in opposite ones.
+        b.declare("x").unwrap();
+        b.declare("y").unwrap();
+        let names = if r == 0 { ["x", "y"] } else { ["y", "x"] };
+        for step in 0..3 {
+            let hs: Vec<_> = names
+                .iter()
+                .map(|name| {
+                    let v: Vec<i32> = (0..n).map(|i| (i % 1000) * (r + 1) + step).collect();
+                    let opts = PushPullOpts {
+                        average: false,
+                        priority: 0,
+                    };
+                    (name, b.push_pull(name, v, opts).unwrap())
+                })
+                .collect();
+            for (name, h) in hs {
+                let out = h
+                    .wait()
+                    .unwrap_or_else(|e| panic!("{name} step {step}: {e}"));
+                for (i, x) in out.iter().enumerate() {
+                    assert_eq!(
+                        *x,
+                        (i as i32 % 1000) * 3 + 2 * step,
+                        "{name} step {step} i {i}"
+                    );
+                }
+            }
+        }
+        let s = b.stats();
+        let parked = s.parked_chunks.load(std::sync::atomic::Ordering::Relaxed);
+        let stalls = s.window_stalls.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!("rank {r}: parked {parked}, stalls {stalls}");
+    });
+}
