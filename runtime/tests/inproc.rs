@@ -441,6 +441,17 @@ fn workers_disagreeing_on_min_chunks_are_refused() {
     );
 }
 
+/// The sum of two workers' inputs `(i % m) * (rank + 1) + step`: `(i % m) * 3 + 2 * step`.
+fn check_pattern_sum(out: &[i32], m: i32, step: i32, what: &str) {
+    for (i, x) in out.iter().enumerate() {
+        assert_eq!(
+            *x,
+            (i as i32 % m) * 3 + 2 * step,
+            "{what} step {step} i {i}"
+        );
+    }
+}
+
 /// BPS_SERVER_CREDIT: over a network link a worker holds at most a window of chunks at one
 /// server without their sums back (here max(2 × 128 KiB, 512 KiB) = 512 KiB), parks the rest, and
 /// every result is still exact; with 0 nothing is parked.
@@ -470,13 +481,7 @@ fn server_window_bounds_unanswered_bytes_and_sums_exactly() {
                     .unwrap()
                     .wait()
                     .unwrap();
-                for (i, x) in out.iter().enumerate() {
-                    assert_eq!(
-                        *x,
-                        (i as i32 % 977) * 3 + 2 * step,
-                        "credit {credit} step {step} i {i}"
-                    );
-                }
+                check_pattern_sum(&out, 977, step, &format!("credit {credit}"));
             }
             let s = b.stats();
             let max = s.max_at_server.load(std::sync::atomic::Ordering::Relaxed);
@@ -527,13 +532,7 @@ fn opposite_submission_orders_do_not_deadlock_the_server_window() {
                 let out = h
                     .wait()
                     .unwrap_or_else(|e| panic!("{name} step {step}: {e}"));
-                for (i, x) in out.iter().enumerate() {
-                    assert_eq!(
-                        *x,
-                        (i as i32 % 1000) * 3 + 2 * step,
-                        "{name} step {step} i {i}"
-                    );
-                }
+                check_pattern_sum(&out, 1000, step, name);
             }
         }
         let s = b.stats();
