@@ -508,7 +508,7 @@ fn window_urgent(w: &Worker, server: PeerId, prio: i32) -> bool {
         .is_some_and(|top| prio > *top)
 }
 
-/// A server that has not answered a worker with a full window for this long (or four of its
+/// A server that has not answered a worker with a full window for this long (or eight of its
 /// usual gaps between answers, if longer) lets that worker's parked chunks go (see `unpark`).
 const MIN_SERVER_STALL: Duration = Duration::from_millis(50);
 
