@@ -2493,6 +2493,59 @@ fn engine(rx: Receiver<SumJob>, done: Sender<Result<u32, (u32, String)>>, waker:
 
 #[cfg(test)]
 mod tests {
+    /// The window's bookkeeping: room while the bytes fit (an empty window always has room),
+    /// urgency only for a priority above everything counted, and both restored as chunks are
+    /// answered.
+    #[test]
+    fn window_room_and_urgency_follow_what_is_counted() {
+        use super::*;
+        let mut w = Worker {
+            tensors: HashMap::new(),
+            reply_slots: Vec::new(),
+            queue: CreditQueue::new(1 << 20),
+            retry: VecDeque::new(),
+            cache: RegistrationCache::new(16, 1 << 30),
+            barriers: HashMap::new(),
+            at_server: HashMap::new(),
+            at_server_prio: HashMap::new(),
+            parked: HashMap::new(),
+            ops_started: 0,
+            answered: HashMap::new(),
+        };
+        let (s, other, stats) = (PeerId(3), PeerId(4), Stats::default());
+        let win = 768 << 10;
+        assert!(
+            window_room(&w, s, 4 << 20, win),
+            "empty: even a chunk over the window"
+        );
+        assert!(!window_urgent(&w, s, i32::MAX), "empty: room, not urgency");
+        window_add(&mut w, &stats, s, 256 << 10, 0);
+        window_add(&mut w, &stats, s, 256 << 10, -5);
+        assert!(window_room(&w, s, 256 << 10, win), "512 + 256 KiB fit 768");
+        window_add(&mut w, &stats, s, 256 << 10, 0);
+        assert!(!window_room(&w, s, 1, win), "full");
+        assert!(
+            window_room(&w, other, 256 << 10, win),
+            "windows are per server"
+        );
+        assert!(
+            !window_urgent(&w, s, 0),
+            "equal to the top is not more urgent"
+        );
+        assert!(window_urgent(&w, s, 1));
+        assert_eq!(stats.max_at_server.load(Ordering::Relaxed), 768 << 10);
+        // Both priority-0 chunks answered: the top is now -5.
+        for _ in 0..2 {
+            window_remove(&mut w.at_server, &mut w.at_server_prio, s, 256 << 10, 0);
+        }
+        assert!(window_urgent(&w, s, 0));
+        assert!(!window_urgent(&w, s, -5));
+        window_remove(&mut w.at_server, &mut w.at_server_prio, s, 256 << 10, -5);
+        assert_eq!(w.at_server[&s], 0);
+        assert!(window_room(&w, s, 4 << 20, win));
+        assert!(!window_urgent(&w, s, i32::MAX), "nothing counted any more");
+    }
+
     #[test]
     fn server_window_is_partitions_with_a_floor_or_off() {
         use super::{server_window, MIN_SERVER_WINDOW};
