@@ -246,6 +246,25 @@ struct Worker {
     answered: HashMap<PeerId, (Instant, Duration)>,
 }
 
+impl Worker {
+    /// A worker with nothing in flight; `credit_bytes` bounds the bytes it pushes at once.
+    fn new(credit_bytes: u64) -> Worker {
+        Worker {
+            tensors: HashMap::new(),
+            reply_slots: Vec::new(),
+            queue: CreditQueue::new(credit_bytes),
+            retry: VecDeque::new(),
+            cache: RegistrationCache::new(1 << 16, 64 << 30),
+            barriers: HashMap::new(),
+            at_server: HashMap::new(),
+            at_server_prio: HashMap::new(),
+            parked: HashMap::new(),
+            ops_started: 0,
+            answered: HashMap::new(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------- server state
 
 #[derive(Clone, Copy, Default)]
@@ -628,19 +647,7 @@ impl Node {
             .get(me.0 as usize)
             .is_some_and(|b| b.role == Role::Worker);
         let serves = !is_worker || num_servers == 0;
-        let worker = is_worker.then(|| Worker {
-            tensors: HashMap::new(),
-            reply_slots: Vec::new(),
-            queue: CreditQueue::new(cfg.credit_bytes),
-            retry: VecDeque::new(),
-            cache: RegistrationCache::new(1 << 16, 64 << 30),
-            barriers: HashMap::new(),
-            at_server: HashMap::new(),
-            at_server_prio: HashMap::new(),
-            parked: HashMap::new(),
-            ops_started: 0,
-            answered: HashMap::new(),
-        });
+        let worker = is_worker.then(|| Worker::new(cfg.credit_bytes));
         let server = serves.then(|| Server::new(&cfg, waker.clone()));
         // Local reduction needs whole host groups that really share a host (shm between them).
         let l = local_size.max(1);
@@ -2499,19 +2506,7 @@ mod tests {
     #[test]
     fn window_room_and_urgency_follow_what_is_counted() {
         use super::*;
-        let mut w = Worker {
-            tensors: HashMap::new(),
-            reply_slots: Vec::new(),
-            queue: CreditQueue::new(1 << 20),
-            retry: VecDeque::new(),
-            cache: RegistrationCache::new(16, 1 << 30),
-            barriers: HashMap::new(),
-            at_server: HashMap::new(),
-            at_server_prio: HashMap::new(),
-            parked: HashMap::new(),
-            ops_started: 0,
-            answered: HashMap::new(),
-        };
+        let mut w = Worker::new(1 << 20);
         let (s, other, stats) = (PeerId(3), PeerId(4), Stats::default());
         let win = 768 << 10;
         assert!(
