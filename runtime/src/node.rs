@@ -886,7 +886,12 @@ impl Node {
                 // pushes left), and the region is revoked when the operation fails and dropped
                 // when it ends (unless BPS_RDMA_CACHE_USER_MEMORY=1).
                 let r = unsafe { self.net.register_dmabuf(fd.as_fd(), offset, len, iova) };
-                let _ = reply.send(r.map(|region| region.token).map_err(Error::from));
+                if let Err(e) = reply.send(r.map(|region| region.token).map_err(Error::from)) {
+                    // The engine stopped waiting (its timeout): nobody will use or drop it.
+                    if let Ok(token) = e.into_inner() {
+                        let _ = self.net.deregister(token);
+                    }
+                }
             }
             Command::Deregister(token) => {
                 let _ = self.net.deregister(token);

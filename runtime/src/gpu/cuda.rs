@@ -654,7 +654,6 @@ impl Engine {
     /// Average of a direct buffer: NCCL's pre-multiplying sum, each GPU's part times
     /// 1 / workers, reduced in place to `root` of `comm` (with a communicator of one GPU: a
     /// scaling in place).
-    #[allow(clippy::too_many_arguments)]
     fn premul_reduce(
         &self,
         ptr: u64,
